@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN ?= $(VENV)/bin
 PROFILE ?= smoke
 OUT ?= results
 ARGS ?=
@@ -36,7 +36,7 @@ export: venv
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
 
 # The library must be exactly what the notebooks export, and the notebooks must be clean.
-check-drift: venv
+check-drift:
 	@snap() { find rsrepro nbs -type f \( -name '*.py' -o -name '*.ipynb' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha1sum; }; \
 	before="$$(snap)"; $(BIN)/nbdev_export && $(BIN)/nbdev_clean; after="$$(snap)"; \
 	if [ "$$before" != "$$after" ]; then \

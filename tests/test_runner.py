@@ -1,0 +1,106 @@
+"""The runner, the CLI and the drift check, on small notebook trees built here (fast)."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from rsrepro.cli import main
+from rsrepro.runner import find_notebooks, reproduce
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _nb(path: Path, *sources: str):
+    cells = [new_code_cell("profile = 'smoke'\ndata_root = None\ndevice = 'cpu'\nseed = 0\nout_dir = 'results'",
+                           metadata={'tags': ['parameters']})]
+    cells += [new_code_cell(s) for s in sources]
+    nb = new_notebook(cells=cells)
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path/'repo'
+    _nb(root/'nbs/papers/imim/table_I.ipynb', "from pathlib import Path\n"
+        "Path(out_dir, 'ran_I.txt').write_text(f'{profile} {device} {seed}')")
+    _nb(root/'nbs/papers/imim/table_II.ipynb', "x = 1", "raise ValueError('boom in table II')", "x = 2")
+    _nb(root/'nbs/papers/mutdet/table_1.ipynb', "from pathlib import Path\nPath(out_dir, 'ran_m.txt').write_text('m')")
+    return root
+
+
+def test_failure_is_reported_and_others_still_run(tree, tmp_path):
+    out = tmp_path/'out'
+    s = reproduce(profile='smoke', out=out, root=tree, seed=7, progress=False)
+    status = {r['notebook']: r for r in s['runs']}
+    assert status['papers/imim/table_I.ipynb']['status'] == 'ok'
+    assert status['papers/mutdet/table_1.ipynb']['status'] == 'ok', 'a failure must not stop the other notebooks'
+    bad = status['papers/imim/table_II.ipynb']
+    assert bad['status'] == 'failed' and 'boom in table II' in bad['error']
+    assert bad['failed_cell'] == 2, 'the failing cell index (0 = parameters) is reported'
+    assert (out/'ran_I.txt').read_text() == 'smoke cpu 7', 'parameters are injected'
+    assert (out/'notebooks/papers/imim/table_II.ipynb').exists(), 'the failed executed notebook is kept'
+    assert json.loads((out/'summary.json').read_text())['n_failed'] == 1
+    assert 'boom in table II' in (out/'summary.md').read_text()
+    assert not list(out.rglob('.running.*')), 'no temporary notebook is left behind'
+
+
+def test_cli_exit_status_names_the_failure(tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tree)
+    rc = main(['reproduce', '--paper', 'imim', '--out', str(tmp_path/'o')])
+    err = capsys.readouterr().err
+    assert rc == 1 and 'table_II' in err and 'cell 2' in err
+
+
+def test_only_and_resume(tree, tmp_path):
+    out = tmp_path/'o2'
+    assert [p.name for p in find_notebooks(tree, only=['table_1'])] == ['table_1.ipynb']
+    with pytest.raises(Exception, match='no notebook'): find_notebooks(tree, only=['table_IX'])
+    s1 = reproduce(out=out, root=tree, only=['imim/table_I'], progress=False)
+    t1 = s1['runs'][0]['finished']
+    s2 = reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, progress=False)
+    assert s2['runs'][0]['finished'] == t1, 'resume skips a notebook that passed with the same parameters'
+    s3 = reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, seed=1, progress=False)
+    assert s3['runs'][0]['finished'] != t1, 'changed parameters re-run the notebook'
+
+
+def test_published_cli_csv(capsys):
+    assert main(['published', '--format', 'csv']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == 'paper,table,row,column,value'
+    papers = {l.split(',')[0] for l in lines[1:]}
+    assert papers == {'imim', 'incomplete', 'crossscale', 'mutdet'}
+
+
+def test_cli_error_is_one_line(capsys):
+    assert main(['published', '--paper', 'crossscale', '--table', '4']) == 2
+    err = capsys.readouterr().err
+    assert 'missing' in err.lower() and 'Traceback' not in err
+
+
+def _copy_repo(dst: Path):
+    for name in ['settings.ini', 'setup.py', 'Makefile', 'pyproject.toml']:
+        if (ROOT/name).exists(): shutil.copy2(ROOT/name, dst/name)
+    for d in ['nbs/api', 'rsrepro']:
+        shutil.copytree(ROOT/d, dst/d, ignore=shutil.ignore_patterns('__pycache__', '.ipynb_checkpoints'))
+
+
+def test_drift_check_fails_when_library_and_notebooks_disagree(tmp_path):
+    _copy_repo(tmp_path)
+    run = lambda: subprocess.run(['make', '-s', 'check-drift', f'BIN={BIN}'], cwd=tmp_path, capture_output=True, text=True)
+    ok = run()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    core = tmp_path/'rsrepro/core.py'
+    core.write_text(core.read_text().replace('def seed_everything', '# hand edit\ndef seed_everything'))
+    bad = run()
+    assert bad.returncode != 0 and 'rsrepro/core.py' in bad.stdout, bad.stdout + bad.stderr
+    assert run().returncode == 0, 'the check rewrote the library from the notebook'
+    nb = tmp_path/'nbs/api/00_core.ipynb'
+    d = json.loads(nb.read_text()); d['cells'][0]['metadata']['scrolled'] = True
+    nb.write_text(json.dumps(d))
+    bad = run()
+    assert bad.returncode != 0 and '00_core.ipynb' in bad.stdout, 'an unclean notebook is drift too'
