@@ -94,26 +94,36 @@ def get_device(device: str | torch.device = 'auto') -> torch.device:
 # %% ../nbs/api/00_core.ipynb #b70a501a
 class Registry:
     "A name -> factory mapping with a decorator to register and `create` to build."
-    def __init__(self, kind: str): self.kind, self._f = kind, {}
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()):
+        self.kind, self._f, self.modules = kind, {}, tuple(modules)
     def register(self, name: str | None = None) -> Callable:
         def deco(fn):
             key = name or fn.__name__
-            if key in self._f and self._f[key] is not fn:
-                raise RsreproError(f'{self.kind} {key!r} is registered twice')
-            self._f[key] = fn
+            old = self._f.get(key)
+            if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+                raise RsreproError(f'{self.kind} {key!r} is registered twice '
+                                   f'({old.__module__}.{old.__qualname__} and {fn.__module__}.{fn.__qualname__})')
+            self._f[key] = fn  # the same function again (a re-run notebook cell) replaces itself
             return fn
         return deco
+    def _load(self):
+        "Import the modules that register entries, so `create` works without importing them first."
+        import importlib
+        for m in self.modules: importlib.import_module(m)
     def get(self, name: str) -> Callable:
+        if name not in self._f: self._load()
         if name not in self._f:
             raise RsreproError(f'unknown {self.kind} {name!r}; known: {", ".join(sorted(self._f)) or "(none)"}')
         return self._f[name]
     def create(self, name: str, **kwargs) -> Any: return self.get(name)(**kwargs)
-    def names(self) -> list[str]: return sorted(self._f)
-    def __contains__(self, name: str) -> bool: return name in self._f
+    def names(self) -> list[str]:
+        self._load(); return sorted(self._f)
+    def __contains__(self, name: str) -> bool: return name in self.names()
     def __repr__(self): return f'Registry({self.kind!r}, {self.names()})'
 
-MODELS = Registry('model')
-DATASETS = Registry('dataset')
+# Modules that register models and datasets; a paper's module adds itself here when it lands.
+MODELS = Registry('model', modules=('rsrepro.mae',))
+DATASETS = Registry('dataset', modules=('rsrepro.data',))
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:
     "Build a registered model by name; every option is a keyword argument."

@@ -36,7 +36,7 @@ def find_notebooks(root: str | Path | None = None, paper: str | list[str] | None
     for p in papers:
         d = nbs/'papers'/p
         found += sorted(d.glob('table_*.ipynb')) + sorted(d.glob('figure_*.ipynb'))
-    if tutorials is None: tutorials = paper is None and not only
+    if tutorials is None: tutorials = paper is None
     if tutorials: found += sorted((nbs/'tutorials').glob('*.ipynb'))
     if only:
         want = {o.removesuffix('.ipynb') for o in only}
@@ -61,14 +61,17 @@ class NotebookRun:
 def _sha1(p: Path) -> str: return hashlib.sha1(p.read_bytes()).hexdigest()[:16]
 
 def _failing_cell(nb_path: Path) -> tuple[int | None, str]:
-    "Index and first source line of the cell papermill marked as failed in an executed notebook."
+    "Index (in the source notebook, 0-based) and first line of the cell that raised, from an executed notebook."
     import nbformat
     try: nb = nbformat.read(nb_path, as_version=4)
     except Exception: return None, ''
-    for i, c in enumerate(nb.cells):
-        for o in c.get('outputs', []):
-            if o.get('output_type') == 'error':
-                return i, (c.source.strip().splitlines() or [''])[0][:100]
+    added = {'injected-parameters', 'papermill-error-cell-tag'}  # cells papermill adds to the executed copy
+    i = 0
+    for c in nb.cells:
+        if added & set(c.get('metadata', {}).get('tags', [])): continue
+        if any(o.get('output_type') == 'error' for o in c.get('outputs', [])):
+            return i, (c.source.strip().splitlines() or [''])[0][:100]
+        i += 1
     return None, ''
 
 def write_summary(out: Path, runs: list[NotebookRun], meta: dict) -> None:

@@ -26,6 +26,7 @@ def _nb(path: Path, *sources: str):
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path/'repo'
+    root.mkdir(); (root/'settings.ini').write_text('[DEFAULT]\nlib_name = rsrepro\n')
     _nb(root/'nbs/papers/imim/table_I.ipynb', "from pathlib import Path\n"
         "Path(out_dir, 'ran_I.txt').write_text(f'{profile} {device} {seed}')")
     _nb(root/'nbs/papers/imim/table_II.ipynb', "x = 1", "raise ValueError('boom in table II')", "x = 2")
@@ -60,12 +61,14 @@ def test_only_and_resume(tree, tmp_path):
     out = tmp_path/'o2'
     assert [p.name for p in find_notebooks(tree, only=['table_1'])] == ['table_1.ipynb']
     with pytest.raises(Exception, match='no notebook'): find_notebooks(tree, only=['table_IX'])
-    s1 = reproduce(out=out, root=tree, only=['imim/table_I'], progress=False)
-    t1 = s1['runs'][0]['finished']
-    s2 = reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, progress=False)
-    assert s2['runs'][0]['finished'] == t1, 'resume skips a notebook that passed with the same parameters'
-    s3 = reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, seed=1, progress=False)
-    assert s3['runs'][0]['finished'] != t1, 'changed parameters re-run the notebook'
+    marker = out/'ran_I.txt'
+    reproduce(out=out, root=tree, only=['imim/table_I'], progress=False)
+    assert marker.read_text() == 'smoke cpu 0'
+    marker.unlink()
+    reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, progress=False)
+    assert not marker.exists(), 'resume skips a notebook that passed with the same parameters'
+    reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, seed=1, progress=False)
+    assert marker.read_text() == 'smoke cpu 1', 'changed parameters re-run the notebook'
 
 
 def test_published_cli_csv(capsys):
