@@ -1,0 +1,47 @@
+"""End to end: the smoke reproduction of every notebook of this checkout, then the site built from its results.
+
+This is what `make reproduce` does; it is the slowest test (a few minutes on 2 cores)."""
+from pathlib import Path
+
+import pytest
+from rsrepro.published import catalogue
+from rsrepro.runner import find_notebooks, reproduce
+from rsrepro.site import build_site, check_site, site_pages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('results')
+    summary = reproduce(profile='smoke', out=out, root=ROOT, progress=False)
+    site = build_site(results_dir=out, root=ROOT, out_dir=tmp_path_factory.mktemp('site'))
+    return out, summary, Path(site)
+
+
+def test_every_notebook_passes(smoke):
+    out, s, _ = smoke
+    failed = [(r['notebook'], r['failed_cell'], r['error']) for r in s['runs'] if r['status'] != 'ok']
+    assert not failed, failed
+    assert len(s['runs']) == len(find_notebooks(ROOT))
+
+
+def test_every_catalogued_result_has_a_page(smoke):
+    out, s, _ = smoke
+    ran = {r['notebook'] for r in s['runs']}
+    for nb in catalogue()['notebook'].dropna():
+        if nb: assert str(Path(nb).relative_to('nbs')) in ran, f'{nb} is catalogued but was not run'
+
+
+def test_site_has_every_page_with_tables_and_figures(smoke):
+    out, s, site = smoke
+    report = check_site(site, ROOT)  # every page of _quarto.yml rendered, every sidebar link resolves, none unexecuted
+    pages = site_pages(ROOT)
+    assert len(pages) >= len(s['runs']) + 1
+    for r in s['runs']:
+        if r['notebook'].startswith('papers/') and '/table_' in r['notebook']:
+            page = (site/'nbs'/r['notebook']).with_suffix('.html').read_text()
+            if 'lost in the text extraction' not in page:
+                assert '<table' in page and '<img' in page, f"{r['notebook']}: page lacks its table or figure"
+    tut = (site/'nbs/tutorials/mae_sentinel2.html').read_text()
+    assert tut.count('<img') >= 2, 'the tutorial shows a loss curve and reconstructions'
