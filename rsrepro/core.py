@@ -100,7 +100,11 @@ class Registry:
         def deco(fn):
             key = name or fn.__name__
             old = self._f.get(key)
-            if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            # The same function defined again replaces itself: a re-run cell, or a notebook's cells (module
+            # `__main__`) and the module exported from them, both loaded in one process (nbdev_test does this).
+            same = old is not None and old.__qualname__ == fn.__qualname__ and (
+                old.__module__ == fn.__module__ or '__main__' in (old.__module__, fn.__module__))
+            if old is not None and not same:
                 raise RsreproError(f'{self.kind} {key!r} is registered twice '
                                    f'({old.__module__}.{old.__qualname__} and {fn.__module__}.{fn.__qualname__})')
             self._f[key] = fn  # the same function again (a re-run notebook cell) replaces itself

@@ -39,7 +39,12 @@ PAPERS: dict[str, dict[str, str]] = {
 def citation(paper: str) -> str:
     "One-line citation of `paper` (a key of `PAPERS`)."
     p = PAPERS[_check_paper(paper)]
-    return f"{p['authors']}. {p['title']}. {p['venue']}. [{p['file']}]"
+    known = lambda v: not v.startswith('not in the extraction')
+    parts = [p['authors'] if known(p['authors']) else None, f"*{p['title']}*",
+             p['venue'] if known(p['venue']) else None]
+    lost = [k for k in ('authors', 'venue') if not known(p[k])]
+    note = f" ({' and '.join(lost)} not in the extraction)" if lost else ''
+    return '. '.join(x for x in parts if x) + f'.{note} [{p["file"]}]'
 
 def _check_paper(paper: str) -> str:
     if paper not in PAPERS:

@@ -115,13 +115,37 @@ def side_by_side(cmp: pd.DataFrame, decimals: int = 3) -> pd.DataFrame:
                  .reindex(index=rows, columns=cols) for k in ('published', 'reproduced', 'delta')}
     wide = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1)
     order = [(c, k) for c in cols for k in ('published', 'reproduced', 'delta')]
-    return wide.reindex(columns=pd.MultiIndex.from_tuples(order)).round(decimals)
+    wide = wide.reindex(columns=pd.MultiIndex.from_tuples(order)).round(decimals)
+    wide.index.name = None
+    return wide
 
 # %% ../nbs/api/02_results.ipynb #30466e64
-def plot_comparison(cmp: pd.DataFrame, title: str = '', ax=None, max_bars: int = 40):
-    "Paired bars (published vs reproduced) for each cell of a comparison; returns the matplotlib figure."
+def _heatmaps(cmp: pd.DataFrame, title: str):
+    "Published and reproduced values as two row x column heatmaps (for tables too large for paired bars)."
     import matplotlib.pyplot as plt
-    d = cmp.dropna(subset=['published']).head(max_bars)
+    rows = list(dict.fromkeys(cmp['row'])); cols = list(dict.fromkeys(cmp['column']))
+    grid = lambda k: cmp.pivot_table(index='row', columns='column', values=k, aggfunc='first', dropna=False) \
+                        .reindex(index=rows, columns=cols).to_numpy(dtype=float)
+    pub, rep = grid('published'), grid('reproduced')
+    lo, hi = np.nanmin(pub), np.nanmax(pub)
+    fig, axes = plt.subplots(1, 2, figsize=(min(24, 2 + 0.55*len(cols))*2/1.6, 1.5 + 0.32*len(rows)), sharey=True)
+    for ax, m, name in zip(axes, [pub, rep], ['published', 'reproduced']):
+        im = ax.imshow(np.ma.masked_invalid(m), vmin=lo, vmax=hi, cmap='viridis', aspect='auto')
+        ax.set_facecolor('#eeeeee')
+        for (i, j), v in np.ndenumerate(m):
+            if not math.isnan(v): ax.text(j, i, f'{v:g}', ha='center', va='center', fontsize=6,
+                                          color='white' if v < (lo + hi)/2 else 'black')
+        ax.set_xticks(range(len(cols))); ax.set_xticklabels(cols, rotation=60, ha='right', fontsize=7)
+        ax.set_yticks(range(len(rows))); ax.set_yticklabels(rows, fontsize=7)
+        ax.set_title(name + ('' if name == 'published' or np.isfinite(m).any() else ' (none yet)'), fontsize=9)
+    fig.suptitle(title); fig.tight_layout()
+    return fig
+
+def plot_comparison(cmp: pd.DataFrame, title: str = '', ax=None, max_bars: int = 40):
+    "Paired bars (published vs reproduced) per cell, or two heatmaps when the table has more than `max_bars` cells."
+    import matplotlib.pyplot as plt
+    d = cmp.dropna(subset=['published'])
+    if len(d) > max_bars and ax is None: return _heatmaps(cmp, title)
     labels = [r if len(set(cmp['column'])) == 1 else f'{r} / {c}' for r, c in zip(d['row'], d['column'])]
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6, 0.35*len(d) + 2), 3.8))
@@ -129,13 +153,14 @@ def plot_comparison(cmp: pd.DataFrame, title: str = '', ax=None, max_bars: int =
     x = np.arange(len(d)); w = 0.4
     ax.bar(x - w/2, d['published'], w, label='published', color='#4c72b0')
     rep = d['reproduced'].to_numpy(dtype=float)
-    prof = cmp['profile'].dropna()
-    lab = 'reproduced' + (f' ({SMOKE_LABEL})' if (len(prof) and (prof == 'smoke').any()) else '')
-    ax.bar(x + w/2, np.nan_to_num(rep), w, label=lab, color='#dd8452', hatch='//' if (prof == 'smoke').any() else None)
+    smoke = (cmp['profile'] == 'smoke').any()
+    lab = 'reproduced' + (f' ({SMOKE_LABEL})' if smoke else '')
+    ax.bar(x + w/2, np.nan_to_num(rep), w, label=lab, color='#dd8452', hatch='//' if smoke else None)
     for xi, r in zip(x, rep):
         if math.isnan(r): ax.text(xi + w/2, 0, 'n/a', ha='center', va='bottom', fontsize=7, rotation=90, color='grey')
     ax.set_xticks(x); ax.set_xticklabels(labels, rotation=60, ha='right', fontsize=8)
-    ax.set_title(title); ax.legend(fontsize=8); ax.grid(axis='y', alpha=.3)
+    ax.set_title(title); ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis='y', alpha=.3)
     fig.tight_layout()
     return fig
 

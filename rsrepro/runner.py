@@ -104,7 +104,8 @@ def run_notebook(nb: Path, out: Path, params: dict, nbs: Path, timeout: int | No
     os.environ['RSREPRO_REPRODUCE'] = '1'
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters=params, kernel_name='python3', cwd=str(nbs.parent),
-                            progress_bar=False, log_output=False, execution_timeout=timeout)
+                            progress_bar=False, log_output=False, execution_timeout=timeout,
+                            extra_arguments=['--IPKernelApp.log_level=CRITICAL'])  # no kernel chatter on stderr
     except Exception as e:  # papermill's execution error, or a kernel that died
         r.status = 'failed'
         r.error = (f'{getattr(e, "ename", type(e).__name__)}: {getattr(e, "evalue", str(e))}').strip()[:500]
