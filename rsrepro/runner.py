@@ -11,11 +11,12 @@ from pathlib import Path
 from .core import RsreproError, atomic_write, git_commit, repo_root, utc_now
 
 # %% auto #0
-__all__ = ['PAPERS', 'nbs_root', 'find_notebooks', 'NotebookRun', 'write_summary', 'load_summary', 'run_notebook', 'reproduce',
-           'status_table']
+__all__ = ['PAPERS', 'NOT_REPRODUCED', 'nbs_root', 'find_notebooks', 'NotebookRun', 'write_summary', 'load_summary',
+           'run_notebook', 'reproduce', 'status_table']
 
 # %% ../nbs/api/09_runner.ipynb #b8d44447
 PAPERS = ('imim', 'incomplete', 'crossscale', 'mutdet')
+NOT_REPRODUCED = 'Status: not reproduced yet'  # the sentence a narrative page carries until its experiment lands
 
 def nbs_root(root: str | Path | None = None) -> Path:
     "The `nbs/` folder of the rsrepro checkout (the runner needs the source notebooks)."
@@ -171,10 +172,14 @@ def status_table(out: str | Path = 'results', root: str | Path | None = None):
         if res is not None and len(res):
             sel = res[(res.paper == c['paper']) & (res.table == str(c['id']))] if c['kind'] == 'table' else res.iloc[:0]
             profs = ','.join(sorted(set(sel['profile'])))
+        placeholder = exists and NOT_REPRODUCED in (nbs.parent/nbp).read_text(encoding='utf-8')
         if not nbp: status = 'no result to reproduce' if c['status'] != 'missing_from_extraction' else 'missing from extraction'
         elif not exists: status = 'no notebook yet'
+        elif placeholder: status = 'not reproduced yet'
         elif not run: status = 'not run'
-        else: status = run['status'] + (f" ({profs})" if profs else '')
+        elif run['status'] != 'ok': status = run['status']
+        elif profs: status = f'reproduced ({profs})'
+        else: status = 'ran ok' + (' (no result rows)' if c['kind'] == 'table' else '')
         rows.append(dict(paper=c['paper'], kind=c['kind'], id=c['id'], title=c['title'], published=c['status'],
                          notebook=nbp, status=status, seconds=run.get('seconds')))
     return pd.DataFrame(rows)

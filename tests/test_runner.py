@@ -107,3 +107,15 @@ def test_drift_check_fails_when_library_and_notebooks_disagree(tmp_path):
     nb.write_text(json.dumps(d))
     bad = run()
     assert bad.returncode != 0 and '00_core.ipynb' in bad.stdout, 'an unclean notebook is drift too'
+
+
+def test_tables_lists_every_catalogued_item_honestly(capsys):
+    from rsrepro.published import catalogue
+    from rsrepro.runner import status_table
+    df = status_table('/nonexistent-results')
+    assert len(df) == len(catalogue())
+    st = dict(zip(zip(df.paper, df.kind, df.id), df.status))
+    assert st[('crossscale', 'table', '4')] == 'not reproduced yet' or 'reproduced' in st[('crossscale', 'table', '4')]
+    assert st[('crossscale', 'table', '1')] == 'no result to reproduce'  # pseudocode
+    assert all(not s.startswith('ran ok') for s in df.status), 'a page that only shows published numbers is not a run'
+    assert main(['tables']) == 0 and 'imim' in capsys.readouterr().out

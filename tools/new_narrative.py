@@ -4,7 +4,7 @@ A new notebook shows the published numbers and states plainly that nothing is re
 reproduces the table replaces its middle with the experiment. Existing notebooks are never overwritten.
 Usage: .venv/bin/python tools/new_narrative.py [--paper P] [--force-missing-only]
 """
-import argparse, sys
+import argparse, hashlib, sys
 from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -12,6 +12,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from rsrepro.published import catalogue, citation  # noqa: E402
+from rsrepro.runner import NOT_REPRODUCED  # noqa: E402
 
 PARAMS = '''profile = 'smoke'      # 'smoke': a few steps on real samples, any CPU, minutes | 'full': the paper's protocol (CUDA, full data)
 data_root = None       # folder holding the full datasets (default: $RSREPRO_DATA)
@@ -33,12 +34,14 @@ def notebook(c) -> nbformat.NotebookNode:
         cells += [new_markdown_cell("## Published\n\nThe numbers as printed in the paper (`rsrepro.published`)."),
                   new_code_cell(f"from rsrepro import published\npublished.table({paper!r}, {tid!r})")]
     cells.append(new_markdown_cell(
-        "## Reproduction\n\n**Status: not reproduced yet.** This page is in place so that the site lists every table and "
+        f"## Reproduction\n\n**{NOT_REPRODUCED}.** This page is in place so that the site lists every table and "
         "figure of the paper; the experiment is added by the issue that reproduces this paper. "
         "Until then nothing on this page is a reproduced number."))
     if kind == 'table' and c['status'] == 'published':
         cells += [new_markdown_cell("## Published beside reproduced"),
                   new_code_cell(f"from rsrepro.results import report\nreport({paper!r}, {tid!r}, out_dir=out_dir, profile=profile)")]
+    for i, cell in enumerate(cells):  # stable ids: regenerating a page never churns the diff
+        cell['id'] = hashlib.sha1(f'{paper}/{kind}_{tid}:{i}'.encode()).hexdigest()[:8]
     nb = new_notebook(cells=cells)
     nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3 (rsrepro)', 'language': 'python'}
     nb.metadata['language_info'] = {'name': 'python'}
