@@ -127,7 +127,7 @@ class Registry:
 
 # Modules that register models and datasets; a paper's module adds itself here when it lands.
 MODELS = Registry('model', modules=('rsrepro.mae',))
-DATASETS = Registry('dataset', modules=('rsrepro.data',))
+DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data'))
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:
     "Build a registered model by name; every option is a keyword argument."
