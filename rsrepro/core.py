@@ -126,7 +126,7 @@ class Registry:
     def __repr__(self): return f'Registry({self.kind!r}, {self.names()})'
 
 # Modules that register models and datasets; a paper's module adds itself here when it lands.
-MODELS = Registry('model', modules=('rsrepro.mae',))
+MODELS = Registry('model', modules=('rsrepro.mae', 'rsrepro.imim'))
 DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data'))
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:
