@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'atomic_write', 'atomic_torch_save',
-           'seed_everything', 'repo_root', 'git_commit', 'utc_now', 'get_device', 'Registry', 'create_model',
-           'list_models']
+           'seed_everything', 'repo_root', 'git_commit', 'utc_now', 'get_device', 'image_batch', 'Registry',
+           'create_model', 'list_models']
 
 # %% ../nbs/api/00_core.ipynb #710c9885
 class RsreproError(Exception):
@@ -90,6 +90,25 @@ def get_device(device: str | torch.device = 'auto') -> torch.device:
         raise RsreproError(f"device={device!r} was asked for, but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use device='cpu' or run on a GPU machine")
     return d
+
+# %% ../nbs/api/00_core.ipynb #336ad0c3
+def image_batch(batch: Any, input_key: str = 'image', in_chans: int | None = None,
+                img_size: tuple[int, int] | None = None, who: str = 'model') -> torch.Tensor:
+    "The images of `batch` (a dict holding `input_key`, or a tensor), checked to be float [B, in_chans, *img_size]."
+    from collections.abc import Mapping
+    if isinstance(batch, Mapping):
+        if input_key not in batch:
+            raise KeyError(f'{who}: the batch has no key {input_key!r} (input_key); keys: {sorted(map(str, batch))}')
+        batch = batch[input_key]
+    if not torch.is_tensor(batch) or batch.ndim != 4:
+        raise ValueError(f'{who}: expected images [B, C, H, W], got {getattr(batch, "shape", type(batch))}')
+    if in_chans is not None and batch.shape[1] != in_chans:
+        raise ValueError(f'{who}: the model has in_chans={in_chans} but the images have {batch.shape[1]} channels')
+    if img_size is not None and tuple(batch.shape[2:]) != tuple(img_size):
+        raise ValueError(f'{who}: the model has img_size={tuple(img_size)} but the images are {tuple(batch.shape[2:])}')
+    if not batch.is_floating_point():
+        raise ValueError(f'{who}: images must be a float tensor (normalised), got {batch.dtype}')
+    return batch
 
 # %% ../nbs/api/00_core.ipynb #b70a501a
 class Registry:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
 
 from .attention import CrossAttentionBlock
-from .core import MODELS
+from .core import MODELS, image_batch
 from .losses import masked_mse, normalize_patches
 from .masking import get_2d_sincos_pos_embed, patchify, simmim_mask, unpatchify
 
@@ -120,19 +120,7 @@ class InteractiveMIMSwin(nn.Module):
                                      nn.PixelShuffle(self.stride))
 
     def _images(self, batch) -> torch.Tensor:
-        if isinstance(batch, Mapping):
-            if self.input_key not in batch:
-                raise KeyError(f'InteractiveMIMSwin: the batch has no key {self.input_key!r} (input_key); keys: {sorted(map(str, batch))}')
-            batch = batch[self.input_key]
-        if not torch.is_tensor(batch) or batch.ndim != 4:
-            raise ValueError(f'InteractiveMIMSwin: expected images [B, C, H, W], got {getattr(batch, "shape", type(batch))}')
-        if batch.shape[1] != self.in_chans:
-            raise ValueError(f'InteractiveMIMSwin: the model has in_chans={self.in_chans} but the images have {batch.shape[1]} channels')
-        if tuple(batch.shape[2:]) != self.img_size:
-            raise ValueError(f'InteractiveMIMSwin: the model has img_size={self.img_size} but the images are {tuple(batch.shape[2:])}')
-        if not batch.is_floating_point():
-            raise ValueError(f'InteractiveMIMSwin: images must be a float tensor (normalised), got {batch.dtype}')
-        return batch
+        return image_batch(batch, self.input_key, self.in_chans, self.img_size, type(self).__name__)
 
     def random_mask(self, batch_size: int, generator: torch.Generator | None = None,
                     device: str | torch.device = 'cpu') -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .core import MODELS
+from .core import MODELS, image_batch
 from .losses import masked_mse
 from .masking import get_2d_sincos_pos_embed, patchify, random_masking, unpatchify
 
@@ -85,16 +85,8 @@ class MaskedAutoencoderViT(nn.Module):
         "`[B, L, p*p*C]` -> `[B, C, H, W]`."
         return unpatchify(x, self.patch_size, self.in_chans, self.grid_size)
 
-    def _check_input(self, imgs: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(imgs) or imgs.ndim != 4:
-            raise ValueError(f'MaskedAutoencoderViT: expected images [B, C, H, W], got {getattr(imgs, "shape", type(imgs))}')
-        if imgs.shape[1] != self.in_chans:
-            raise ValueError(f'MaskedAutoencoderViT: the model has in_chans={self.in_chans} but the images have {imgs.shape[1]} channels')
-        if tuple(imgs.shape[2:]) != self.img_size:
-            raise ValueError(f'MaskedAutoencoderViT: the model has img_size={self.img_size} but the images are {tuple(imgs.shape[2:])}')
-        if not imgs.is_floating_point():
-            raise ValueError(f'MaskedAutoencoderViT: images must be a float tensor (normalised), got {imgs.dtype}')
-        return imgs
+    def _check_input(self, imgs) -> torch.Tensor:
+        return image_batch(imgs, self.input_key, self.in_chans, self.img_size, type(self).__name__)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
         "Embed, keep a random `1 - mask_ratio` of the patches, encode them: `(latent [B, 1+len_keep, D], mask, ids_restore)`."
@@ -125,13 +117,7 @@ class MaskedAutoencoderViT(nn.Module):
     def forward(self, batch: torch.Tensor | Mapping[str, Any], mask_ratio: float | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         "`batch` (dict with `input_key`, or a tensor) -> `{'loss', 'pred' [B, L, p*p*C], 'mask' bool [B, L]}`."
-        if isinstance(batch, Mapping):
-            if self.input_key not in batch:
-                raise KeyError(f'MaskedAutoencoderViT: the batch has no key {self.input_key!r} (input_key); '
-                               f'keys: {sorted(map(str, batch))}')
-            imgs = batch[self.input_key]
-        else: imgs = batch
-        imgs = self._check_input(imgs)
+        imgs = self._check_input(batch)
         latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         return {'loss': self.forward_loss(imgs, pred, mask), 'pred': pred, 'mask': mask}
