@@ -31,21 +31,22 @@ def _check(pred, target):
     if pred.shape != target.shape:
         raise ValueError(f'pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}')
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-               norm_pix: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    "MAE loss: per-patch mean squared error, averaged over patches where `mask` is True/1 (`norm_pix`: normalised target)."
+def _masked_patch_loss(pred, target, mask, norm_pix, eps, err):
+    "Per-patch mean of `err(pred - target)` (float32, optional normalised target), averaged over masked patches."
     _check(pred, target)
     target = target.float()
     if norm_pix: target = normalize_patches(target, eps)
-    return _masked_mean(((pred.float() - target) ** 2).mean(dim=-1), mask)
+    return _masked_mean(err(pred.float() - target).mean(dim=-1), mask)
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+               norm_pix: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    "MAE loss: per-patch mean squared error, averaged over patches where `mask` is True/1 (`norm_pix`: normalised target)."
+    return _masked_patch_loss(pred, target, mask, norm_pix, eps, lambda d: d ** 2)
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
               norm_pix: bool = False, eps: float = 1e-6) -> torch.Tensor:
     "Per-patch mean absolute error, averaged over patches where `mask` is True/1 (MultiMAE's depth/DEM loss)."
-    _check(pred, target)
-    target = target.float()
-    if norm_pix: target = normalize_patches(target, eps)
-    return _masked_mean((pred.float() - target).abs().mean(dim=-1), mask)
+    return _masked_patch_loss(pred, target, mask, norm_pix, eps, torch.abs)
 
 # %% ../nbs/api/05_losses.ipynb #6916abc2
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
