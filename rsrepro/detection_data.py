@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/14_detection_data.ipynb #5e72c4d5
 from __future__ import annotations
-import math, os, re, warnings
+import io, math, os, re, warnings
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -249,7 +249,7 @@ class VEDAI(Dataset):
 
 # %% ../nbs/api/14_detection_data.ipynb #8cd5a202
 def _write_tiff_pages(path: Path, chw: np.ndarray):
-    import io, tifffile
+    import tifffile
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as tw:
         for band in chw: tw.write(np.ascontiguousarray(band), photometric='minisblack', contiguous=False)
@@ -266,7 +266,7 @@ def yolo_label_lines(boxes: torch.Tensor, labels: torch.Tensor, h: int, w: int) 
 
 def vedai_to_yolo(dataset: Dataset | Mapping[str, Dataset], out_dir: str | os.PathLike,
                   yaml_name: str = 'vedai.yaml', names: Sequence[str] = VEDAI_CLASSES) -> Path:
-    "Write VEDAI sample(s) as an ultralytics dataset (multi-page TIFF images, YOLO labels, data yaml); returns the yaml."
+    "Write VEDAI sample(s) as an ultralytics dataset (RGB PNG or multi-page TIFF, YOLO labels, data yaml); returns the yaml."
     out = Path(out_dir).expanduser().resolve()
     subsets = dict(dataset) if isinstance(dataset, Mapping) else {'train': dataset}
     channels = None
@@ -276,7 +276,11 @@ def vedai_to_yolo(dataset: Dataset | Mapping[str, Dataset], out_dir: str | os.Pa
             if channels not in (None, C): raise RsreproError(f'vedai_to_yolo: mixed channel counts ({channels} and {C})')
             channels = C
             a = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            _write_tiff_pages(out/'images'/sub/f"{s['id']}.tiff", a)
+            if C == 3:
+                from PIL import Image
+                buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))).save(buf, format='PNG')
+                with atomic_write(out/'images'/sub/f"{s['id']}.png", 'wb') as f: f.write(buf.getvalue())
+            else: _write_tiff_pages(out/'images'/sub/f"{s['id']}.tiff", a)
             with atomic_write(out/'labels'/sub/f"{s['id']}.txt") as f:
                 f.write(''.join(l + '\n' for l in yolo_label_lines(s['boxes'], s['label'], H, W)))
     val = 'val' if 'val' in subsets else ('test' if 'test' in subsets else next(iter(subsets)))

@@ -19,7 +19,7 @@ from .masking import get_2d_sincos_pos_embed, patchify, simmim_mask, unpatchify
 # %% auto #0
 __all__ = ['TOKEN_MASK_RULES', 'QUERIES', 'MASK_QUERIES', 'SWIN_TINY', 'imim_swin_tiny_conventional',
            'imim_swin_tiny_interactive', 'imim_swin_tiny_interactive_qunmasked', 'token_mask_from_patch_mask',
-           'InteractionModule', 'InteractiveMIMSwin']
+           'InteractionModule', 'swin_features_only_names', 'InteractiveMIMSwin']
 
 # %% ../nbs/api/15_imim.ipynb #e50e97ec
 TOKEN_MASK_RULES = ('any', 'all', 'majority')
@@ -77,6 +77,12 @@ class InteractionModule(nn.Module):
         return torch.where(out_at[..., None], z, feats), z
 
 # %% ../nbs/api/15_imim.ipynb #e16da273
+def swin_features_only_names(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "timm `SwinTransformer` state-dict names -> timm `features_only=True` names (`layers.{i}.` -> `layers_{i}.`, no `norm.`)."
+    # timm's features_only Swin (FeatureListNet, flatten_sequential) names the stages `layers_{i}` and drops `norm`
+    return {re.sub(r'^layers\.(\d+)\.', r'layers_\1.', k): v for k, v in sd.items() if not k.startswith('norm.')}
+
+# %% ../nbs/api/15_imim.ipynb #008a3a45
 class InteractiveMIMSwin(nn.Module):
     "Conventional (`interactive=False`) or interactive (cross-attention, Eq. 1) masked image modeling with a timm Swin encoder."
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, patch_size: int = 4,
@@ -185,9 +191,7 @@ class InteractiveMIMSwin(nn.Module):
     def encoder_state_dict(self, features_only: bool = False) -> dict[str, torch.Tensor]:
         "The Swin encoder's weights under timm `SwinTransformer` names, no prefix; `features_only`: timm's `FeatureListNet` names."
         sd = self.encoder.state_dict()
-        if not features_only: return sd
-        # timm's features_only Swin (FeatureListNet, flatten_sequential) names the stages `layers_{i}` and drops `norm`
-        return {re.sub(r'^layers\.(\d+)\.', r'layers_\1.', k): v for k, v in sd.items() if not k.startswith('norm.')}
+        return swin_features_only_names(sd) if features_only else sd
 
 # %% ../nbs/api/15_imim.ipynb #7440c792
 SWIN_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
