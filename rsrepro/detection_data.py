@@ -21,8 +21,8 @@ from .data import DataSpec, register_data_spec, read_image, resolve_root, find_s
 # %% auto #0
 __all__ = ['VEDAI_CLASSES', 'VEDAI_CODES', 'VEDAI_DROPPED_CODES', 'VEDAI_CODE_TO_LABEL', 'DIOR_CLASSES', 'DIOR_SPLITS',
            'DOTA_CLASSES', 'polygon_to_hbb', 'image_to_tensor', 'parse_vedai_annotations', 'vedai_summary',
-           'read_id_list', 'vedai_fold_ids', 'VEDAI', 'yolo_label_lines', 'vedai_to_yolo', 'parse_dior_xml', 'DIOR',
-           'DIORR', 'parse_dota_label', 'DOTA', 'AVIID3']
+           'read_id_list', 'vedai_fold_ids', 'VEDAI', 'write_png', 'yolo_label_lines', 'vedai_to_yolo',
+           'parse_dior_xml', 'DIOR', 'DIORR', 'parse_dota_label', 'DOTA', 'AVIID3']
 
 # %% ../nbs/api/14_detection_data.ipynb #38928396
 def polygon_to_hbb(corners) -> torch.Tensor:
@@ -255,6 +255,13 @@ def _write_tiff_pages(path: Path, chw: np.ndarray):
         for band in chw: tw.write(np.ascontiguousarray(band), photometric='minisblack', contiguous=False)
     with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
 
+def write_png(path: str | os.PathLike, a: np.ndarray) -> Path:
+    "Write a uint8 `[H, W]` or `[H, W, 3]` (RGB) array as PNG, atomically."
+    from PIL import Image
+    buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a)).save(buf, format='PNG')
+    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
+    return Path(path)
+
 def yolo_label_lines(boxes: torch.Tensor, labels: torch.Tensor, h: int, w: int) -> list[str]:
     "Normalised ultralytics label lines `cls xc yc w h` for xyxy pixel `boxes`."
     out = []
@@ -276,10 +283,7 @@ def vedai_to_yolo(dataset: Dataset | Mapping[str, Dataset], out_dir: str | os.Pa
             if channels not in (None, C): raise RsreproError(f'vedai_to_yolo: mixed channel counts ({channels} and {C})')
             channels = C
             a = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            if C == 3:
-                from PIL import Image
-                buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))).save(buf, format='PNG')
-                with atomic_write(out/'images'/sub/f"{s['id']}.png", 'wb') as f: f.write(buf.getvalue())
+            if C == 3: write_png(out/'images'/sub/f"{s['id']}.png", a.transpose(1, 2, 0))
             else: _write_tiff_pages(out/'images'/sub/f"{s['id']}.tiff", a)
             with atomic_write(out/'labels'/sub/f"{s['id']}.txt") as f:
                 f.write(''.join(l + '\n' for l in yolo_label_lines(s['boxes'], s['label'], H, W)))

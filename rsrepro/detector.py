@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/16_detector.ipynb #1335894f
 from __future__ import annotations
-import contextlib, io, json, os, shutil, sys, time
+import contextlib, io, json, os, sys, time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path

@@ -4,18 +4,17 @@
 
 # %% ../nbs/api/17_imim_protocol.ipynb #b1e121ab
 from __future__ import annotations
-import json, math, tempfile, time, warnings
-from dataclasses import asdict, dataclass, field, replace
+import json, math, time, warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .core import RsreproError, DataNotFoundError, atomic_torch_save, atomic_write, create_model, seed_everything
-from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo
+from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo, write_png
 from .detector import DetectorConfig, build_detector, evaluate, load_detector, predict, train_detector
 from .train import TrainConfig, fit
 
@@ -155,15 +154,12 @@ class MIMImages(Dataset):
 
 def smoke_aviid_root(dest: str | Path, data_root=None) -> Path:
     "The VEDAI sample scenes written as an AVIID-3 folder (`rgb/`, `ir/` PNGs) under `dest` (smoke stand-in only)."
-    from PIL import Image
     dest = Path(dest); ds = VEDAI(split='all', data_root=data_root)
     for k in range(len(ds)):
         s = ds[k]; a = (s['image'] * 255).round().byte().numpy()
         for sub, arr in (('rgb', a[:3].transpose(1, 2, 0)), ('ir', a[3])):
             p = dest/sub/f"{s['id']}.png"
-            if p.is_file(): continue
-            import io; buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(arr)).save(buf, format='PNG')
-            with atomic_write(p, 'wb') as f: f.write(buf.getvalue())
+            if not p.is_file(): write_png(p, arr)
     return dest
 
 # %% ../nbs/api/17_imim_protocol.ipynb #864d0625
