@@ -313,6 +313,10 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
         step, history, resumed_from = int(ck['step']), list(ck.get('history', [])), int(ck['step'])
         rngs = ck['rng']
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    if world > 1:  # every rank must start from the same step (a checkpoint not on a shared disk would diverge)
+        starts = [None] * world; dist.all_gather_object(starts, step)
+        if len(set(starts)) > 1:
+            raise RsreproError(f'ranks would start from different steps {starts}: is {ckpt_path} on a disk all ranks share?')
 
     def checkpoint():
         rngs = [None] * world
@@ -330,6 +334,7 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
                                                         'start': (step - epoch * steps_per_epoch) * cfg.grad_accum * cfg.batch_size},
                                'config': _plain(asdict(cfg)), 'history': history, 'torch': str(torch.__version__)},
                               ckpt_path)
+        if world > 1: dist.barrier()  # no rank returns (and maybe resumes) before the checkpoint is on disk
 
     def evaluate():
         st = rng_state(); model.eval()

@@ -3,15 +3,19 @@
 `ddp_worker.py OUT_DIR plain`: no dropout, `fit` joins and leaves the process group itself; each rank saves its
 final weights to OUT_DIR/plain_rank{r}.pt.
 `ddp_worker.py OUT_DIR resume`: the worker holds the process group; dropout; an uninterrupted run (drop_rank{r}.pt)
-and a run stopped after 3 of 6 steps (mid-epoch) then resumed by a second `fit` (resumed_rank{r}.pt).
+and a run stopped after 3 of 6 steps (mid-epoch) then resumed by a second `fit` (resumed_rank{r}.pt). Rank 0 writes
+its checkpoints slowly here, so a rank that returned from `fit` before the file is on disk would resume from step 0.
 (A process group cannot be re-created in the same process under torchrun, hence two launches.)
 """
 import json, os, sys
 
 import torch
+import time
+
 import torch.distributed as dist
 from torch import nn
 
+import rsrepro.train
 from rsrepro.train import TrainConfig, fit
 
 
@@ -55,6 +59,9 @@ if __name__ == '__main__':
                            'history': res['history']}, f)
     else:
         dist.init_process_group('gloo')
+        if rank == 0:
+            save = rsrepro.train.atomic_torch_save
+            rsrepro.train.atomic_torch_save = lambda *a, **k: (time.sleep(1.0), save(*a, **k))[1]
         m = model(0.1)
         fit(m, Data(), config(f'{out}/drop'))
         torch.save(m.state_dict(), f'{out}/drop_rank{rank}.pt')
