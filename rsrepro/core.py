@@ -145,8 +145,8 @@ class Registry:
     def __repr__(self): return f'Registry({self.kind!r}, {self.names()})'
 
 # Modules that register models and datasets; a paper's module adds itself here when it lands.
-MODELS = Registry('model', modules=('rsrepro.mae', 'rsrepro.imim'))
-DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data'))
+MODELS = Registry('model', modules=('rsrepro.mae', 'rsrepro.imim', 'rsrepro.incomplete'))
+DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data', 'rsrepro.multimodal_data'))
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:
     "Build a registered model by name; every option is a keyword argument."
