@@ -4,12 +4,16 @@
 
 # %% ../nbs/api/00_core.ipynb #6f3659e0
 from __future__ import annotations
-import contextlib, datetime, os, random, subprocess, tempfile
+import contextlib, datetime, os, random, subprocess, tempfile, warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+
+# tqdm.auto (imported by transformers / huggingface_hub) warns in every Jupyter kernel without ipywidgets, and the
+# warning lands on every executed page; rsrepro's own progress bars are plain tqdm.
+warnings.filterwarnings('ignore', message='IProgress not found')
 
 # %% auto #0
 __all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'atomic_write', 'atomic_torch_save',

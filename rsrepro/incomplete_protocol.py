@@ -67,6 +67,15 @@ ASSUMPTIONS: dict[str, str] = {
     'semantic mIoU (DFC2023)': 'mean of the building and background IoU over the validation set',
     'instance AP@50': 'COCO 101-point mask AP at IoU 0.5, one class, at most 100 masks per image',
     'weights evaluated': 'the last step; no model selection on the validation split',
+    'DFC2023 samples': "the organisers' 512-px tiles and train / val split, resized to 256 px (the paper: 'All data are "
+                       "resized to 256x256'). The paper's 5,332 / 1,335 samples come from its authors' unpublished "
+                       'crops (5,332 = 4 x 1,333 suggests 256-px quarters of the training tiles; the reader\'s tile=256 '
+                       'cuts those)',
+    'quadruplet classes': "the paper's 7 classes are not listed: we take the authors' code's 9-class UrbanAtlas merge "
+                          'with roads and railways folded into urban: urban, green urban, cropland, grassland, trees, '
+                          'wetland, water (rsrepro.multimodal_data.UA27_TO_7); 0 (no data) is ignored',
+    'quadruplet bands': "Sentinel-2 B02, B03, B04, B08 (blue, green, red, NIR) in the authors' code's order; "
+                        'Sentinel-1 VV, VH in dB',
 }
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #c35b4415

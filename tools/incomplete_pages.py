@@ -19,7 +19,8 @@ out_dir = 'results'    # where result records, figures and executed notebooks go
 
 SMOKE = '''# > **Smoke profile: these numbers are not claims.** In `smoke` every setting pre-trains for 3 steps and fine-tunes
 # > for 4 steps at 128 px with a narrow (64-wide) Mask2Former, on small *stand-ins* built from real bytes that are
-# > not the paper's data (see "Data" above), and evaluates on at most 8 samples that it also trained on. The smoke run
+# > not the paper's data (see "Data" above), and evaluates on at most 8 validation samples (the DFC2023 stand-in's
+# > validation tiles are its training tiles). The smoke run
 # > proves that every step of the protocol executes for every modality combination; only `profile='full'` on the
 # > full datasets produces numbers comparable to the paper's.'''
 
@@ -245,7 +246,8 @@ def figure_page(fig, data, task, what, index_expr, draw):
     nb = DEST/f'figure_{fig}.ipynb'
     par = ['Sup. MultiViT', 'Sup. Proposed', 'Fine. w/ G.', 'Fine. w/ G. & C.']
     parts = [PARAMS, '# %% [markdown]\n' + header(nb), '# %% [markdown]\n' + what, SETUP,
-             assumptions(['weights evaluated', 'random modality combination', 'MultiViT']),
+             assumptions(['weights evaluated', 'random modality combination', 'MultiViT',
+                          'DFC2023 samples' if data == 'dfc2023' else 'quadruplet classes']),
              '# %% [markdown]\n' + (DATA_DFC if data == 'dfc2023' else DATA_QUAD),
              '# %% [markdown]\n# ## Run\n#\n' + SMOKE + '\n#\n# In smoke the models have trained for a few steps: expect '
              'empty or uniform maps.',
@@ -263,14 +265,14 @@ PAGES = [
 # MultiViT (ordinary self-attention, same fusion tokens) and the proposed backbone trained from scratch with random
 # modality combinations, and the proposed backbone fine-tuned from reconstruction pre-training (G.) and from
 # reconstruction + contrastive pre-training (G. & C.). Each paradigm is one model per task, evaluated 7 times.''',
-               A_TABLE + A_PRE + ['semantic mIoU (DFC2023)', 'instance AP@50'], 'instance'),
+               A_TABLE + A_PRE + ['DFC2023 samples', 'semantic mIoU (DFC2023)', 'instance AP@50'], 'instance'),
     table_page('II', 'quadruplets', {'Sup. MultiViT': 'Sup. MultiViT', 'Sup. Proposed': 'Sup. Proposed',
                                      'Fine. w/ G.': 'Fine. w/ G.', 'Fine. w/ G. & C.': 'Fine. w/ G. & C.'},
                {'lulc': ''}, {'': 'mIoU'},
                '''# **What is compared.** Land-use / land-cover mapping (mIoU over 7 merged UrbanAtlas classes) on the quadruplet
 # dataset with every one of the 15 non-empty combinations of S1, S2, DEM and the Dynamic World map (DNW) at
 # inference, for the four paradigms of Table I.''',
-               A_TABLE + A_PRE, 'lulc'),
+               A_TABLE + A_PRE + ['quadruplet classes', 'quadruplet bands'], 'lulc'),
     table_page('III', 'dfc2023', {'w/o Mask': 'w/o Mask', 'w/o Random': 'w/o Random', 'w/o Attention': 'w/o Attention',
                                   'w/ all': 'Sup. Proposed'},
                {'instance': ' / ins.', 'semantic': ' / seg.'}, {' / ins.': 'AP@50', ' / seg.': 'mIoU'},
@@ -278,13 +280,13 @@ PAGES = [
 # masked self-attention (every token attends to every token), without the random modality combination (all
 # modalities in every training step), without the modality attention (fusion tokens gather only through
 # self-attention); "w/ all" is the full model (Table I's "Sup. Proposed", the same run). 7 combinations each.''',
-               A_TABLE + ['ablations', 'semantic mIoU (DFC2023)', 'instance AP@50'], 'instance'),
+               A_TABLE + ['ablations', 'DFC2023 samples', 'semantic mIoU (DFC2023)', 'instance AP@50'], 'instance'),
     table_page('IV', 'quadruplets', {'w/o Mask': 'w/o Mask', 'w/o Random': 'w/o Random', 'w/o Attention': 'w/o Attention',
                                      'w/ all': 'Sup. Proposed'},
                {'lulc': ''}, {'': 'mIoU'},
                '''# **What is compared.** The ablations of Table III on the quadruplet LULC task, 15 combinations each; "w/ all" is
 # Table II's "Sup. Proposed" run.''',
-               A_TABLE + ['ablations'], 'lulc'),
+               A_TABLE + ['ablations', 'quadruplet classes', 'quadruplet bands'], 'lulc'),
     figure_page('5', 'dfc2023', 'instance', '''# **What is shown.** The paper's Figure 5 shows building predictions of the four paradigms of Table I on DFC2023
 # Track 2. We draw, for one validation sample, the inputs and the ground truth, then each paradigm's building
 # instances (score >= 0.5) for each of the 7 modality combinations, from the runs of Table I.
