@@ -20,7 +20,7 @@ from .detection_data import VEDAI, image_to_tensor
 # %% auto #0
 __all__ = ['SMOKE_MARKER', 'DFC2023_CLASSES', 'DFC2023_MODALITIES', 'DFC2023_HEIGHT_DIRS', 'DFC2023_NORM', 'DNW_CLASSES',
            'UA_CLASSES_27', 'UA_CODES_27', 'UA_COLORS', 'UA_CLASSES_CODE9', 'UA27_TO_CODE9', 'UA_CLASSES_7',
-           'UA27_TO_7', 'UA_MERGES', 'IGNORE_INDEX', 'QUADRUPLET_MODALITIES', 'QUADRUPLET_MAPS', 'S2_BANDS_QUAD',
+           'UA27_TO_7', 'UA_MERGES', 'IGNORE_INDEX', 'QUADRUPLET_CHANNELS', 'QUADRUPLET_MAPS', 'S2_BANDS_QUAD',
            'S1_BANDS_QUAD', 'QUADRUPLET_PLACES', 'QUADRUPLET_NORM', 'raster_chw', 'read_bands', 'write_tiff',
            'resize_chw', 'polygon_to_mask', 'rle_to_mask', 'segmentation_to_mask', 'masks_to_boxes', 'load_coco',
            'DFC2023Track2', 'dfc2023_normalize', 'merge_ua_labels', 'ua_colors_to_index', 'quadruplet_path',
@@ -366,7 +366,7 @@ def ua_colors_to_index(rgb: np.ndarray, source: str = 'labels') -> np.ndarray:
     return order[pos]
 
 # %% ../nbs/api/18_multimodal_data.ipynb #87a3c622
-QUADRUPLET_MODALITIES: dict[str, int] = {'s1': 2, 's2': 4, 'dem': 1, 'dnw': 1}
+QUADRUPLET_CHANNELS: dict[str, int] = {'s1': 2, 's2': 4, 'dem': 1, 'dnw': 1}
 QUADRUPLET_MAPS: dict[str, int] = {'dnw': len(DNW_CLASSES)}            # map modalities: number of classes
 S2_BANDS_QUAD: tuple[str, ...] = ('B02', 'B03', 'B04', 'B08')          # blue, green, red, NIR (authors' bands 2,3,4,8)
 S1_BANDS_QUAD: tuple[str, ...] = ('VV', 'VH')
@@ -408,11 +408,11 @@ class Quadruplets(Dataset):
                  with_label: bool = True, on_missing: str = 'raise', normalize: bool = False):
         if split not in ('train', 'val', 'all'): raise ValueError(f"{self.name}: split={split!r}; use 'train', 'val' or 'all'")
         mods = tuple(modalities)
-        if not mods or any(m not in QUADRUPLET_MODALITIES for m in mods):
-            raise ValueError(f'{self.name}: modalities={modalities!r}; use a non-empty subset of {tuple(QUADRUPLET_MODALITIES)}')
+        if not mods or any(m not in QUADRUPLET_CHANNELS for m in mods):
+            raise ValueError(f'{self.name}: modalities={modalities!r}; use a non-empty subset of {tuple(QUADRUPLET_CHANNELS)}')
         if label_scheme not in UA_MERGES: raise ValueError(f'label_scheme={label_scheme!r}; use one of {tuple(UA_MERGES)}')
         if on_missing not in ('raise', 'skip'): raise ValueError(f"on_missing={on_missing!r}; use 'raise' or 'skip'")
-        self.modalities = {m: QUADRUPLET_MODALITIES[m] for m in mods}
+        self.modalities = {m: QUADRUPLET_CHANNELS[m] for m in mods}
         self.map_classes = {m: n for m, n in QUADRUPLET_MAPS.items() if m in self.modalities}
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
         self.classes = UA_MERGES[label_scheme][0]
