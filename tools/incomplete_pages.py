@@ -128,9 +128,11 @@ PARAMS_CELL = '''# %% [markdown]
 # ## Model size
 
 # %%
-m = ex.build(Finetune('{DATA}', '{TASK}', 'Sup. Proposed'))
-print(f'backbone {{count_parameters(m.backbone) / 1e6:.2f}} M parameters, Mask2Former head '
-      f'{{count_parameters(m.head) / 1e6:.2f}} M (hidden width {{prof.hidden_dim}})')
+from rsrepro.incomplete_protocol import build_segmenter
+for name, m in (('this profile', ex.build(Finetune('{DATA}', '{TASK}', 'Sup. Proposed'))),
+                ("the paper's (256 px, width 256)", build_segmenter(Finetune('{DATA}', '{TASK}', 'Sup. Proposed')))):
+    print(f'{{name:<32}} backbone {{count_parameters(m.backbone) / 1e6:.2f}} M parameters, Mask2Former head '
+          f'{{count_parameters(m.head) / 1e6:.2f}} M')
 '''
 
 A_TABLE = ['fusion tokens', 'modality attention depth', 'mask token', 'normalisation', 'random modality combination',
@@ -309,7 +311,8 @@ def main():
     jt = str(Path(sys.executable).with_name('jupytext'))
     for nb, text in PAGES:
         with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f: f.write(text)
-        subprocess.run([jt, '--quiet', '--to', 'ipynb', '--set-kernel', 'python3', f.name, '-o', str(nb)], check=True)
+        update = ['--update'] if nb.is_file() else ['--set-kernel', 'python3']   # --update keeps cell ids: small diffs
+        subprocess.run([jt, '--quiet', '--to', 'ipynb', *update, f.name, '-o', str(nb)], check=True)
         print('wrote', nb.relative_to(ROOT))
 
 
