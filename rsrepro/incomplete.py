@@ -371,18 +371,20 @@ def collate_multimodal(samples: Sequence[Mapping]) -> dict:
 class IncompleteSegmenter(nn.Module):
     "`IncompleteMultimodalViT` + Mask2Former head; random modality combinations in training (`random_modalities`)."
     def __init__(self, backbone: IncompleteMultimodalViT, head: Mask2FormerHead, task: str = 'semantic',
-                 random_modalities: bool = True, ignore_index: int = 255):
+                 random_modalities: bool = True, combination: str = 'step', ignore_index: int = 255):
         super().__init__()
         if task not in TASKS: raise ValueError(f'IncompleteSegmenter: task={task!r}; use one of {TASKS}')
+        if combination not in ('step', 'sample'):
+            raise ValueError(f"IncompleteSegmenter: combination={combination!r}; use 'step' or 'sample'")
         self.backbone, self.head, self.task = backbone, head, task
-        self.random_modalities, self.ignore_index = random_modalities, ignore_index
+        self.random_modalities, self.combination, self.ignore_index = random_modalities, combination, ignore_index
 
     def _present(self, batch, present):
         given = [n for n in self.backbone.names if n in batch]
         if present is not None or not (self.training and self.random_modalities): return present
         B = batch[given[0]].shape[0]
-        pick = random_modality_subsets(given, B)
-        return {n: pick[n].to(batch[given[0]].device) for n in given}
+        pick = random_modality_subsets(given, B if self.combination == 'sample' else 1)
+        return {n: pick[n].expand(B).to(batch[given[0]].device) for n in given}
 
     def targets(self, batch) -> list[dict]:
         if self.task == 'instance':

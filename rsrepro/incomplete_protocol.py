@@ -59,7 +59,9 @@ ASSUMPTIONS: dict[str, str] = {
                             'masked-attention decoder and Hungarian loss',
     'fine-tuning optimiser': 'AdamW betas (0.9, 0.999), no warm-up, lr x0.1 at 0.9 and 0.95 of the steps (paper); '
                              'backbone lr x0.1 only when it starts from pre-training (paper)',
-    'random modality combination': 'per sample, uniform over the non-empty subsets of the modalities',
+    'random modality combination': 'one subset per training step (the paper: "at each iteration"), uniform over the '
+                                   "non-empty subsets of the modalities; IncompleteSegmenter(combination='sample') "
+                                   'draws per sample instead',
     'PatchDropout': 'drops 25% of each present modality\'s tokens in supervised training (the paper gives no rate)',
     'MultiViT': 'the same ViT-T and fusion tokens with ordinary self-attention, no modality attention, trained with '
                 'all modalities present (no random combination): the paper says it overfits the dominant modality',

@@ -48,9 +48,16 @@ def test_random_modalities_draw_subsets_in_training_only():
     m = build_segmenter(Finetune('dfc2023', 'semantic'), img_size=64, hidden_dim=32).train()
     b = {'sar': torch.zeros(64, 1, 64, 64), 'rgb': torch.zeros(64, 3, 64, 64), 'dsm': torch.zeros(64, 1, 64, 64)}
     torch.manual_seed(0)
-    pres = m._present(b, None)
-    combos = {tuple(bool(pres[n][i]) for n in ('sar', 'rgb', 'dsm')) for i in range(64)}
+    combos = set()
+    for _ in range(64):                         # one subset per step, the same for every sample of the batch
+        pres = m._present(b, None)
+        rows = {tuple(bool(pres[n][i]) for n in ('sar', 'rgb', 'dsm')) for i in range(64)}
+        assert len(rows) == 1
+        combos |= rows
     assert len(combos) == 7 and (False, False, False) not in combos
+    m.combination = 'sample'
+    pres = m._present(b, None)
+    assert len({tuple(bool(pres[n][i]) for n in ('sar', 'rgb', 'dsm')) for i in range(64)}) == 7
     assert m.eval()._present(b, None) is None
 
 
