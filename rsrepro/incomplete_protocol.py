@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .core import DataNotFoundError, RsreproError, atomic_torch_save, atomic_write, seed_everything
+from .data import is_sample_source
 from .incomplete import (DFC2023_MODALITIES, QUADRUPLET_MODALITIES, IncompletePretrain, IncompleteSegmenter,
                                 collate_multimodal, count_parameters, incomplete_vit_tiny_patch16,
                                 load_pretrained_backbone, modality_combinations, multivit_tiny_patch16)
@@ -173,8 +174,6 @@ def build_segmenter(f: Finetune, img_size: int = 256, hidden_dim: int = 256, pat
     return IncompleteSegmenter(bb, head, task=f.task, random_modalities=sw.get('random_modalities', True))
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #0192cd2c
-def _shared(src: str) -> bool: return src.startswith(('shared-samples', 'package', 'smoke'))
-
 class IncompleteExperiment:
     "Cached, resumable pre-training, fine-tuning and per-combination evaluation of *incomplete*'s settings."
     def __init__(self, profile: str = 'smoke', data_root: str | Path | None = None, out_dir: str | Path = 'results',
@@ -198,7 +197,7 @@ class IncompleteExperiment:
             root = smoke_dfc2023_root(dest, self.data_root) if data == 'dfc2023' else smoke_quadruplet_root(dest)
             ds = cls(root=root, split=split, size=size, normalize=True)
         src = getattr(ds, 'data_source', '?')
-        if self.profile.require_full_data and _shared(src):
+        if self.profile.require_full_data and is_sample_source(src):
             raise DataNotFoundError(f'incomplete full profile: {name} resolved to a small stand-in ({src}); point '
                                     f'data_root or $RSREPRO_DATA at the full dataset (see rsrepro.data.list_datasets())')
         self.sources[name] = src
