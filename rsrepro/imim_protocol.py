@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/17_imim_protocol.ipynb #b1e121ab
 from __future__ import annotations
-import json, math, time, warnings
+import math, warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .core import RsreproError, DataNotFoundError, atomic_torch_save, atomic_write, create_model, seed_everything
-from .data import is_sample_source
-from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo, write_png
+from .core import create_model, seed_everything
+from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo
 from .detector import DetectorConfig, build_detector, evaluate, load_detector, predict, train_detector
-from .train import TrainConfig, fit
+from .protocol import Experiment, Profile, register_profiles
+from .standins import smoke_aviid_root
+from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['ASSUMPTIONS', 'METHODS', 'PRETRAIN_DATA', 'BANDS', 'PROFILES', 'Pretrain', 'Finetune', 'Profile', 'get_profile',
-           'MIMImages', 'smoke_aviid_root', 'ImimExperiment']
+__all__ = ['ASSUMPTIONS', 'METHODS', 'PRETRAIN_DATA', 'BANDS', 'PROFILES', 'Pretrain', 'Finetune', 'ImimProfile', 'MIMImages',
+           'ImimExperiment']
 
 # %% ../nbs/api/17_imim_protocol.ipynb #b7a30918
 ASSUMPTIONS: dict[str, str] = {
@@ -102,19 +103,17 @@ class Finetune:
         return f'{self.arch}_{self.bands}_{self.pretrain.key if self.pretrain else "scratch"}_fold{self.fold:02d}'
 
 # %% ../nbs/api/17_imim_protocol.ipynb #3d98fb0f
-@dataclass
-class Profile:
-    "Everything that differs between `smoke` and `full`."
-    name: str
+@dataclass(kw_only=True)
+class ImimProfile(Profile):
+    "What differs between imim's `smoke` and `full` (on the shared `rsrepro.protocol.Profile`)."
     pretrain: TrainConfig
     pretrain_size: int
     finetune: DetectorConfig
     baseline: DetectorConfig
     folds: tuple[int, ...]          # folds of Table I
     scale: str = 's'                # YOLOv5 width of the Swin detector's neck/head
-    require_full_data: bool = True
 
-def _profiles() -> dict[str, Profile]:
+def _profiles() -> dict[str, ImimProfile]:
     full_pt = TrainConfig(epochs=100, batch_size=64, lr=1e-4 * 64 / 512, betas=(0.9, 0.999), weight_decay=0.05,
                           warmup_epochs=10, schedule='cosine', ckpt_every=500, log_every=50, amp='auto', num_workers=8)
     full_ft = DetectorConfig(epochs=300, imgsz=512, batch=16, optimizer='AdamW', lr0=1e-5, weight_decay=0.005,
@@ -125,14 +124,12 @@ def _profiles() -> dict[str, Profile]:
     smoke_ft = DetectorConfig(epochs=1, imgsz=256, batch=3, optimizer='AdamW', lr0=1e-5, weight_decay=0.005,
                               warmup_epochs=0, close_mosaic=0, workers=0)
     smoke_bl = replace(smoke_ft, optimizer='SGD', lr0=0.01, weight_decay=5e-4)
-    return {'full': Profile('full', full_pt, 256, full_ft, full_bl, tuple(range(1, 11)), 's', True),
-            'smoke': Profile('smoke', smoke_pt, 256, smoke_ft, smoke_bl, (1,), 's', False)}
+    return {'full': ImimProfile(name='full', pretrain=full_pt, pretrain_size=256, finetune=full_ft, baseline=full_bl,
+                                folds=tuple(range(1, 11))),
+            'smoke': ImimProfile(name='smoke', pretrain=smoke_pt, pretrain_size=256, finetune=smoke_ft, baseline=smoke_bl,
+                                 folds=(1,), require_full_data=False)}
 
-PROFILES = _profiles()
-
-def get_profile(name: str) -> Profile:
-    if name not in PROFILES: raise RsreproError(f'imim: profile={name!r}; use one of {tuple(PROFILES)}')
-    return PROFILES[name]
+PROFILES = register_profiles('imim', _profiles())
 
 # %% ../nbs/api/17_imim_protocol.ipynb #639a84db
 class MIMImages(Dataset):
@@ -153,61 +150,30 @@ class MIMImages(Dataset):
         if self.flip and torch.rand(()) < 0.5: out = out.flip(-1)
         return {'image': out}
 
-def smoke_aviid_root(dest: str | Path, data_root=None) -> Path:
-    "The VEDAI sample scenes written as an AVIID-3 folder (`rgb/`, `ir/` PNGs) under `dest` (smoke stand-in only)."
-    dest = Path(dest); ds = VEDAI(split='all', data_root=data_root)
-    for k in range(len(ds)):
-        s = ds[k]; a = (s['image'] * 255).round().byte().numpy()
-        for sub, arr in (('rgb', a[:3].transpose(1, 2, 0)), ('ir', a[3])):
-            p = dest/sub/f"{s['id']}.png"
-            if not p.is_file(): write_png(p, arr)
-    return dest
+
 
 # %% ../nbs/api/17_imim_protocol.ipynb #864d0625
-class ImimExperiment:
+class ImimExperiment(Experiment):
     "Cached, resumable runs of imim's pre-training and fine-tuning settings under `<out_dir>/runs/imim`."
-    def __init__(self, profile: str = 'smoke', data_root: str | Path | None = None, out_dir: str | Path = 'results',
-                 seed: int = 0, device: str = 'auto', log: bool = False):
-        self.profile = get_profile(profile)
-        self.data_root, self.seed, self.device, self.log = data_root, int(seed), device, log
-        self.root = Path(out_dir)/'runs'/'imim'
-        self.sources: dict[str, str] = {}
+    paper = 'imim'
 
     # ---- data ----
-    def _check(self, name: str, src: str):
-        self.sources[name] = src
-        if self.profile.require_full_data and is_sample_source(src):
-            raise DataNotFoundError(f'imim full profile: {name} resolved to the small samples ({src}); point '
-                                    f'data_root or $RSREPRO_DATA at the full dataset (see rsrepro.data.list_datasets())')
-
     def vedai(self, split: str, bands: str, fold: int = 1) -> VEDAI:
         "VEDAI fold `fold` (`split` train/test) with `bands`; smoke: all sample scenes for both splits."
-        if self.profile.name == 'smoke': split = 'all'
-        ds = VEDAI(split=split, fold=fold, modalities=BANDS[bands], data_root=self.data_root)
-        self._check('VEDAI', ds.data_source)
-        return ds
+        if not self.profile.require_full_data: split = 'all'
+        return self.use('VEDAI', VEDAI(split=split, fold=fold, modalities=BANDS[bands], data_root=self.data_root))
 
     def pretrain_images(self, p: Pretrain) -> Dataset:
         "The image dataset of `p.data` (before `MIMImages`)."
-        mods = BANDS[p.bands]
-        if p.data == 'vedai':
-            ds = self.vedai('train', p.bands, 1); return ds
+        if p.data == 'vedai': return self.vedai('train', p.bands, 1)
         if p.data == 'dior':
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
-                ds = DIOR(split='all', data_root=self.data_root)
-            self._check('DIOR', ds.data_source); return ds
+                return self.use('DIOR', DIOR(split='all', data_root=self.data_root))
         expand = p.data == 'aviid3_expanded'
-        try:
-            ds = AVIID3(split='all', modalities=mods, expand=expand, data_root=self.data_root)
-            self._check('AVIID-3', ds.data_source); return ds
-        except DataNotFoundError:
-            if self.profile.require_full_data: raise
-        root = smoke_aviid_root(self.root/'smoke_data'/'AVIID-3', self.data_root)
-        ds = AVIID3(root=root, split='all', modalities=mods, expand=expand)
-        ds.data_source = 'smoke stand-in: the 3 VEDAI sample scenes in the AVIID-3 layout'
-        self.sources['AVIID-3'] = ds.data_source
-        return ds
+        return self.open_dataset('AVIID-3', lambda root=None: AVIID3(root=root, split='all', modalities=BANDS[p.bands],
+                                                                expand=expand, data_root=self.data_root),
+                            lambda dest: smoke_aviid_root(dest, self.data_root))
 
     def detection_yaml(self, bands: str, fold: int) -> Path:
         "The fold exported once for ultralytics (train = fold's train list, val = its test list)."
@@ -220,30 +186,15 @@ class ImimExperiment:
 
     # ---- runs ----
     def pretrain(self, p: Pretrain) -> Path:
-        "Train `p` (or resume it, or reuse it when finished); returns its checkpoint."
-        run = self.root/'pretrain'/p.key
-        ck, weights = run/'checkpoint.pt', run/'weights.pt'
+        "Train `p` (or resume it, or reuse it when finished); returns its weights file."
         ds = MIMImages(self.pretrain_images(p), self.profile.pretrain_size)
-        if (run/'done.json').is_file() and weights.is_file(): return weights
-        C = 3 if p.bands == 'rgb' else 4
-        seed_everything(self.seed)
-        model = create_model(METHODS[p.method], img_size=self.profile.pretrain_size, in_chans=C, mask_patch_size=p.mask_size)
-        cfg = replace(self.profile.pretrain, out_dir=str(run), seed=self.seed, device=self.device,
-                      batch_size=min(self.profile.pretrain.batch_size, len(ds)), progress=self.log or None)
-        t0 = time.perf_counter()
-        s = fit(model, ds, cfg)
-        last = s['history'][-1] if s.get('history') else {}
-        # keep the weights; drop the optimizer state of the finished run (it only served resuming)
-        atomic_torch_save({'model': model.state_dict(), 'setting': asdict(p), 'steps': s.get('step')}, weights)
-        with atomic_write(run/'done.json') as f:
-            json.dump({'seconds': time.perf_counter() - t0, 'final': last, 'images': len(ds),
-                       'source': self.sources.get({'vedai': 'VEDAI', 'dior': 'DIOR'}.get(p.data, 'AVIID-3'))}, f, default=str)
-        ck.unlink(missing_ok=True)
-        return weights
+        build = lambda: create_model(METHODS[p.method], img_size=self.profile.pretrain_size,
+                                     in_chans=3 if p.bands == 'rgb' else 4, mask_patch_size=p.mask_size)
+        return self.train(build, ds, self.profile.pretrain, self.root/'pretrain'/p.key, asdict(p))
 
     def config(self, f: Finetune) -> DetectorConfig:
         cfg = self.profile.finetune if f.arch == 'swin_yolov5' else self.profile.baseline
-        return replace(cfg, seed=self.seed, device=self.device)
+        return replace(cfg, seed=self.seed, device=str(self.device))
 
     def finetune(self, f: Finetune):
         "Train detector `f` (resumable); returns the `DetectorRun`."
@@ -252,25 +203,22 @@ class ImimExperiment:
         if (run/'done.json').is_file():
             return train_detector(None, yml, self.config(f), run)
         ck = self.pretrain(f.pretrain) if f.pretrain else None
-        C = 3 if f.bands == 'rgb' else 4
         seed_everything(self.seed)
-        model, rep = build_detector(f.arch, nc=len(VEDAI_CLASSES), in_chans=C, scale=self.profile.scale,
-                                    checkpoint=ck, names=VEDAI_CLASSES)
+        model, rep = build_detector(f.arch, nc=len(VEDAI_CLASSES), in_chans=3 if f.bands == 'rgb' else 4,
+                                    scale=self.profile.scale, checkpoint=ck, names=VEDAI_CLASSES)
         if rep is not None: print(f'{f.key}: {rep}')
         return train_detector(model, yml, self.config(f), run, log=self.log)
 
     def evaluate(self, f: Finetune) -> dict[str, float]:
         "Per-class AP@0.5 and mAP of `f` on its fold's test images (cached in `eval.json`)."
         run = self.root/'detect'/f.key
-        cache = run/'eval.json'
         self.vedai('test', f.bands, f.fold)      # records the data source even when cached
-        if cache.is_file() and (run/'done.json').is_file(): return json.loads(cache.read_text())['ap']
-        r = self.finetune(f)
-        preds, gts = self.predictions(f, r.weights)
-        ap = evaluate(preds, gts, VEDAI_CLASSES)
-        with atomic_write(cache) as fh:
-            json.dump({'ap': ap, 'images': len(gts), 'weights': str(r.weights), 'train_seconds': r.seconds}, fh)
-        return ap
+        def compute():
+            r = self.finetune(f)
+            preds, gts = self.predictions(f, r.weights)
+            return {'ap': evaluate(preds, gts, VEDAI_CLASSES), 'images': len(gts), 'weights': str(r.weights),
+                    'train_seconds': r.seconds}
+        return self.cached(run/'eval.json', compute, after=run/'done.json')['ap']
 
     def predictions(self, f: Finetune, weights: Path | None = None, ids: Sequence[str] | None = None):
         "Detections of `f` on its fold's test images (or the given ids) and their ground truth."
@@ -278,11 +226,6 @@ class ImimExperiment:
         ds = self.vedai('test', f.bands, f.fold)
         idx = range(len(ds)) if ids is None else [ds.ids.index(i) for i in ids]
         samples = [ds[k] for k in idx]
-        dev = 'cuda' if self.device in ('cuda', 'auto') and torch.cuda.is_available() else 'cpu'
-        model = load_detector(weights, device=dev)
+        model = load_detector(weights, device=str(self.device))
         preds = predict(model, [s['image'] for s in samples], imgsz=self.config(f).imgsz)
         return preds, samples
-
-    def data_source(self) -> str:
-        "One line naming every dataset these runs used."
-        return '; '.join(f'{k}: {v}' for k, v in sorted(self.sources.items())) or 'none yet'

@@ -4,28 +4,27 @@
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #59dbff8e
 from __future__ import annotations
-import json, re, time
-from dataclasses import asdict, dataclass, field, replace
+import re, time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from .core import DataNotFoundError, RsreproError, atomic_torch_save, atomic_write, seed_everything
-from .data import is_sample_source
 from .incomplete import (DFC2023_MODALITIES, QUADRUPLET_MODALITIES, IncompletePretrain, IncompleteSegmenter,
                                 collate_multimodal, count_parameters, incomplete_vit_tiny_patch16,
                                 load_pretrained_backbone, modality_combinations, multivit_tiny_patch16)
 from .mask2former import Mask2FormerHead
 from .metrics import SegmentationMeter, mask_ap50
-from .multimodal_data import DFC2023Track2, Quadruplets, smoke_dfc2023_root, smoke_quadruplet_root
-from .train import TrainConfig, fit
+from .multimodal_data import DFC2023Track2, Quadruplets
+from .protocol import Experiment, Profile, register_profiles
+from .standins import smoke_dfc2023_root, smoke_quadruplet_root
+from .train import TrainConfig
 
 # %% auto #0
 __all__ = ['ASSUMPTIONS', 'DATA', 'TASKS_OF', 'CLASSES', 'QUERIES', 'PARADIGMS', 'PROFILES', 'LABELS', 'Pretrain', 'Finetune',
-           'Profile', 'get_profile', 'build_segmenter', 'IncompleteExperiment', 'combo_label', 'score',
-           'plot_combinations']
+           'IncompleteProfile', 'build_segmenter', 'IncompleteExperiment', 'combo_label', 'score', 'plot_combinations']
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #6da5a1e3
 ASSUMPTIONS: dict[str, str] = {
@@ -34,9 +33,11 @@ ASSUMPTIONS: dict[str, str] = {
     'mask token': 'one learned token for every absent modality, with the position embedding of the place it fills',
     'fusion tokens': 'one learned token per patch position plus the 2-D sin-cos embedding (the paper: "the same '
                      'number of tokens of full input patches"); never masked, since the decoders read them',
-    'visible tokens': "512 visible modality tokens in pre-training on both datasets (the paper's constant). The paper "
-                      'calls this half of all tokens; that matches 3 modalities + fusion tokens for DFC2023 (4 x 256) '
-                      'and the 4 modalities without fusion tokens for the quadruplets (4 x 256)',
+    'visible tokens': 'half of all modality tokens in pre-training (§IV: "set to half of all tokens on the two datasets"): '
+                      '384 of 768 on DFC2023 (3 modalities x 256 tokens at 256 px, 16-px patches) and 512 of 1,024 on the '
+                      'quadruplets. §III-E also counts the fusion tokens in "all tokens" (512 = 1/2 of fusion + 4 '
+                      'modalities), which does not add up (5 x 256 / 2 = 640); we read it as half of the modality tokens, '
+                      'the fusion tokens never being masked',
     'pre-training data': 'train + validation images, without labels: the paper pre-trains on 6,667 DFC2023 and 6,123 '
                          'quadruplet samples, which are exactly train + validation (5,332 + 1,335; 5,340 + 783)',
     'pre-training modalities': 'all modalities in every step; the Dirichlet masking makes the combination at each '
@@ -66,14 +67,16 @@ ASSUMPTIONS: dict[str, str] = {
     'PatchDropout': 'drops 25% of each present modality\'s tokens in supervised training (the paper gives no rate)',
     'MultiViT': 'the same ViT-T and fusion tokens with ordinary self-attention, no modality attention, trained with '
                 'all modalities present (no random combination): the paper says it overfits the dominant modality',
-    'ablations': 'supervised training on both datasets; "w/ all" is Sup. Proposed',
+    'ablations': 'supervised training on both datasets. "w/ all" is its own training run of the Sup. Proposed setting, '
+                 'seeded with seed + 1 so that it is an independent repetition: the paper\'s "w/ all" values differ '
+                 'slightly from its Sup. Proposed ones (e.g. S1, S2, DNW 0.281 vs 0.280), so they were separate runs',
     'semantic mIoU (DFC2023)': 'mean of the building and background IoU over the validation set',
     'instance AP@50': 'COCO 101-point mask AP at IoU 0.5, one class, at most 100 masks per image',
     'weights evaluated': 'the last step; no model selection on the validation split',
-    'DFC2023 samples': "the organisers' 512-px tiles and train / val split, resized to 256 px (the paper: 'All data are "
-                       "resized to 256x256'). The paper's 5,332 / 1,335 samples come from its authors' unpublished "
-                       'crops (5,332 = 4 x 1,333 suggests 256-px quarters of the training tiles; the reader\'s tile=256 '
-                       'cuts those)',
+    'DFC2023 samples': "the organisers' 512-px images and train / val split, each image cut into four 256-px tiles, not "
+                       "resized (the reader's tile=256): the paper's 5,332 training samples are 4 x 1,333, which we read as "
+                       'quarters of 1,333 images (the paper also says "All data are resized to 256x256"; its own crops '
+                       'are unpublished)',
     'quadruplet classes': "the paper's 7 classes are not listed: we take the authors' code's 9-class UrbanAtlas merge "
                           'with roads and railways folded into urban: urban, green urban, cropland, grassland, trees, '
                           'wetland, water (rsrepro.multimodal_data.UA27_TO_7); 0 (no data) is ignored',
@@ -105,6 +108,7 @@ PARADIGMS = {   # label -> (arch, pre-training (None / 'g' / 'gc'), switches)
     'w/o Mask': ('proposed', None, dict(masked_attention=False)),
     'w/o Random': ('proposed', None, dict(random_modalities=False)),
     'w/o Attention': ('proposed', None, dict(modality_attention=False)),
+    'w/ all': ('proposed', None, dict(seed_offset=1)),     # Sup. Proposed's setting, trained again: its own run
 }
 
 @dataclass(frozen=True)
@@ -127,21 +131,17 @@ class Finetune:
         return f"{self.data}_{self.task}_{re.sub(r'[^a-z0-9]+', '_', self.paradigm.lower()).strip('_')}"
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #8cbb7512
-@dataclass
-class Profile:
-    "Everything that differs between `smoke` and `full`."
-    name: str
-    img_size: int
+@dataclass(kw_only=True)
+class IncompleteProfile(Profile):
+    "What differs between incomplete's `smoke` and `full` (on the shared `rsrepro.protocol.Profile`)."
+    img_size: int                    # samples are img_size x img_size (DFC2023: tiles of that size, not resized)
     pretrain: TrainConfig
     finetune: dict                   # data -> TrainConfig
-    num_visible: int = 512
     hidden_dim: int = 256            # Mask2Former width
-    patch_dropout: float = 0.25
     eval_batch: int = 16
     max_eval: int | None = None      # evaluate on at most this many validation samples (None: all)
-    require_full_data: bool = True
 
-def _profiles() -> dict[str, Profile]:
+def _profiles() -> dict[str, IncompleteProfile]:
     pt = TrainConfig(epochs=1600, batch_size=40, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40,
                      schedule='cosine', ckpt_every=1000, log_every=50, amp='auto', num_workers=8)
     ft = TrainConfig(epochs=50, batch_size=10, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=0,
@@ -151,107 +151,72 @@ def _profiles() -> dict[str, Profile]:
                            schedule='constant', log_every=1, amp='none')
     smoke_ft = TrainConfig(max_steps=4, batch_size=4, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=0,
                            schedule='step', milestones=(0.9, 0.95), log_every=1, amp='none')
-    return {'full': Profile('full', 256, pt, {'dfc2023': ft, 'quadruplets': replace(ft, epochs=30, batch_size=30)}),
-            'smoke': Profile('smoke', 128, smoke_pt, {'dfc2023': smoke_ft, 'quadruplets': smoke_ft}, num_visible=128,
-                             hidden_dim=64, eval_batch=8, max_eval=8, require_full_data=False)}
+    return {'full': IncompleteProfile(name='full', img_size=256, pretrain=pt,
+                                      finetune={'dfc2023': ft, 'quadruplets': replace(ft, epochs=30, batch_size=30)}),
+            'smoke': IncompleteProfile(name='smoke', img_size=128, pretrain=smoke_pt,
+                                       finetune={'dfc2023': smoke_ft, 'quadruplets': smoke_ft}, hidden_dim=64,
+                                       eval_batch=8, max_eval=8, require_full_data=False)}
 
-PROFILES = _profiles()
-
-def get_profile(name: str) -> Profile:
-    if name not in PROFILES: raise RsreproError(f'incomplete: profile={name!r}; use one of {tuple(PROFILES)}')
-    return PROFILES[name]
+PROFILES = register_profiles('incomplete', _profiles())
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #7ba4ee37
-def build_segmenter(f: Finetune, img_size: int = 256, hidden_dim: int = 256, patch_dropout: float = 0.25
-                    ) -> IncompleteSegmenter:
+def build_segmenter(f: Finetune, img_size: int = 256, hidden_dim: int = 256) -> IncompleteSegmenter:
     "The backbone of `f`'s paradigm under a Mask2Former head for `f.task` (randomly initialised)."
     arch, _, sw = PARADIGMS[f.paradigm]
     kw = {k: v for k, v in sw.items() if k in ('masked_attention', 'modality_attention')}
     factory = multivit_tiny_patch16 if arch == 'multivit' else incomplete_vit_tiny_patch16
-    bb = factory(modalities=DATA[f.data], img_size=img_size, patch_dropout=patch_dropout, **kw)
+    bb = factory(modalities=DATA[f.data], img_size=img_size, **kw)
     head = Mask2FormerHead(in_channels=bb.embed_dim, num_classes=CLASSES[f.task], num_queries=QUERIES[f.task],
                            task='instance' if f.task == 'instance' else 'semantic', hidden_dim=hidden_dim)
     return IncompleteSegmenter(bb, head, task=f.task, random_modalities=sw.get('random_modalities', True))
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #0192cd2c
-class IncompleteExperiment:
+class IncompleteExperiment(Experiment):
     "Cached, resumable pre-training, fine-tuning and per-combination evaluation of *incomplete*'s settings."
-    def __init__(self, profile: str = 'smoke', data_root: str | Path | None = None, out_dir: str | Path = 'results',
-                 seed: int = 0, device: str = 'auto', log: bool = False):
-        self.profile = get_profile(profile)
-        self.data_root, self.seed, self.device, self.log = data_root, int(seed), device, log
-        self.root = Path(out_dir)/'runs'/'incomplete'
-        self.sources: dict[str, str] = {}
+    paper = 'incomplete'
 
     # ---- data ----
     def dataset(self, data: str, split: str) -> Dataset:
         "`data`'s `split` ('train', 'val', or 'all' = both) at the profile's size; the stand-in in smoke when absent."
         if split == 'all': return ConcatDataset([self.dataset(data, 'train'), self.dataset(data, 'val')])
-        cls, name = (DFC2023Track2, 'DFC2023 Track 2') if data == 'dfc2023' else (Quadruplets, 'quadruplets')
-        size = self.profile.img_size
-        try:
-            ds = cls(split=split, data_root=self.data_root, size=size, normalize=True)
-        except DataNotFoundError:
-            if self.profile.require_full_data: raise
-            dest = self.root/'smoke_data'/data
-            root = smoke_dfc2023_root(dest, self.data_root) if data == 'dfc2023' else smoke_quadruplet_root(dest)
-            ds = cls(root=root, split=split, size=size, normalize=True)
-        src = getattr(ds, 'data_source', '?')
-        if self.profile.require_full_data and is_sample_source(src):
-            raise DataNotFoundError(f'incomplete full profile: {name} resolved to a small stand-in ({src}); point '
-                                    f'data_root or $RSREPRO_DATA at the full dataset (see rsrepro.data.list_datasets())')
-        self.sources[name] = src
-        return ds
-
-    def _train(self, model, ds, base: TrainConfig, run: Path, setting: dict, param_groups=None) -> Path:
-        "`fit` (resuming `run`'s checkpoint), then keep the weights and a `done.json`, and drop the optimizer state."
-        cfg = replace(base, out_dir=str(run), seed=self.seed, device=self.device,
-                      batch_size=min(base.batch_size, len(ds)), progress=self.log or None)
-        t0 = time.perf_counter()
-        s = fit(model, ds, cfg, collate_fn=collate_multimodal, param_groups=param_groups)
-        weights = run/'weights.pt'
-        atomic_torch_save({'model': model.state_dict(), 'setting': setting, 'steps': s.get('step')}, weights)
-        with atomic_write(run/'done.json') as fh:
-            json.dump({'seconds': time.perf_counter() - t0, 'final': (s.get('history') or [{}])[-1],
-                       'samples': len(ds), 'source': self.data_source()}, fh, default=str)
-        (run/'checkpoint.pt').unlink(missing_ok=True)
-        return weights
+        S = self.profile.img_size
+        if data == 'dfc2023':     # the organisers' 512-px images cut into S-px tiles (5,332 = 4 x 1,333 at S = 256)
+            build = lambda root=None: DFC2023Track2(root=root, split=split, data_root=self.data_root, tile=S,
+                                                    normalize=True)
+            return self.open_dataset('DFC2023 Track 2', build, lambda dest: smoke_dfc2023_root(dest, self.data_root))
+        build = lambda root=None: Quadruplets(root=root, split=split, data_root=self.data_root, size=S, normalize=True)
+        return self.open_dataset('quadruplets', build, smoke_quadruplet_root)
 
     # ---- runs ----
     def pretrain(self, p: Pretrain) -> Path:
         "Pre-train `p` (or resume, or reuse when finished); returns the weights file."
-        run = self.root/'pretrain'/p.key
-        weights = run/'weights.pt'
         ds = self.dataset(p.data, 'all')
-        if (run/'done.json').is_file() and weights.is_file(): return weights
-        seed_everything(self.seed)
-        bb = incomplete_vit_tiny_patch16(modalities=DATA[p.data], img_size=self.profile.img_size)
-        model = IncompletePretrain(bb, num_visible=self.profile.num_visible, contrastive=p.contrastive)
-        return self._train(model, ds, self.profile.pretrain, run, asdict(p))
+        build = lambda: IncompletePretrain(incomplete_vit_tiny_patch16(modalities=DATA[p.data],
+                                                                       img_size=self.profile.img_size),
+                                           contrastive=p.contrastive)
+        return self.train(build, ds, self.profile.pretrain, self.root/'pretrain'/p.key, asdict(p),
+                          collate_fn=collate_multimodal)
 
     def build(self, f: Finetune) -> IncompleteSegmenter:
-        return build_segmenter(f, self.profile.img_size, self.profile.hidden_dim, self.profile.patch_dropout)
+        return build_segmenter(f, self.profile.img_size, self.profile.hidden_dim)
 
     def finetune(self, f: Finetune) -> Path:
         "Train `f` (from its pre-training when the paradigm has one); resumable; returns the weights file."
         run = self.root/'finetune'/f.key
-        weights = run/'weights.pt'
         ds = self.dataset(f.data, 'train')
-        if (run/'done.json').is_file() and weights.is_file(): return weights
-        ck = self.pretrain(f.pretrain) if f.pretrain else None
-        seed_everything(self.seed)
-        model = self.build(f)
-        groups = None
-        if ck is not None:
-            print(f'{f.key}: {load_pretrained_backbone(model.backbone, ck)}')
-            groups = [{'prefix': 'backbone.', 'lr_mult': 0.1, 'name': 'backbone'}]
-        return self._train(model, ds, self.profile.finetune[f.data], run, asdict(f), param_groups=groups)
+        ck = self.pretrain(f.pretrain) if f.pretrain and not self.finished(run) else None
+        def build():
+            model = self.build(f)
+            if ck is not None: print(f'{f.key}: {load_pretrained_backbone(model.backbone, ck)}')
+            return model
+        groups = [{'prefix': 'backbone.', 'lr_mult': 0.1, 'name': 'backbone'}] if f.pretrain else None
+        return self.train(build, ds, self.profile.finetune[f.data], run, asdict(f), collate_fn=collate_multimodal,
+                          param_groups=groups, seed=self.seed + PARADIGMS[f.paradigm][2].get('seed_offset', 0))
 
     def load(self, f: Finetune) -> IncompleteSegmenter:
         model = self.build(f)
         model.load_state_dict(torch.load(self.finetune(f), map_location='cpu', weights_only=True)['model'])
-        dev = 'cuda' if self.device in ('cuda', 'auto') and torch.cuda.is_available() else 'cpu'
-        return model.to(dev).eval()
+        return model.to(self.device).eval()
 
     def val_set(self, data: str) -> Dataset:
         ds = self.dataset(data, 'val')
@@ -278,22 +243,15 @@ class IncompleteExperiment:
     def evaluate(self, f: Finetune) -> dict[str, float]:
         "AP@50 (instance) or mIoU (semantic, LULC) of `f` for every modality combination; cached in `eval.json`."
         run = self.root/'finetune'/f.key
-        cache = run/'eval.json'
         self.val_set(f.data)          # records the data source even when cached
-        if cache.is_file() and (run/'done.json').is_file(): return json.loads(cache.read_text())['scores']
-        model = self.load(f)
-        scores, t0 = {}, time.perf_counter()
-        for combo in modality_combinations(DATA[f.data]):
-            preds, samples = self.predict(f, combo, model)
-            scores[combo_label(combo)] = score(f.task, preds, samples)
-        with atomic_write(cache) as fh:
-            json.dump({'scores': scores, 'samples': len(samples), 'seconds': time.perf_counter() - t0,
-                       'source': self.data_source()}, fh)
-        return scores
-
-    def data_source(self) -> str:
-        "One line naming every dataset these runs used."
-        return '; '.join(f'{k}: {v}' for k, v in sorted(self.sources.items())) or 'none yet'
+        def compute():
+            model, scores, t0 = self.load(f), {}, time.perf_counter()
+            for combo in modality_combinations(DATA[f.data]):
+                preds, samples = self.predict(f, combo, model)
+                scores[combo_label(combo)] = score(f.task, preds, samples)
+            return {'scores': scores, 'samples': len(samples), 'seconds': time.perf_counter() - t0,
+                    'source': self.data_source()}
+        return self.cached(run/'eval.json', compute, after=run/'done.json')['scores']
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #f21422fe
 LABELS = {'sar': 'SAR', 'rgb': 'RGB', 'dsm': 'DSM', 's1': 'S1', 's2': 'S2', 'dem': 'DEM', 'dnw': 'DNW'}

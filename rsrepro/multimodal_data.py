@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/18_multimodal_data.ipynb #904088a7
 from __future__ import annotations
-import io, json, os, warnings
+import json, os, warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -12,58 +12,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import DATASETS, DataFormatError, DataNotFoundError, atomic_write
-from .data import DataSpec, register_data_spec, read_image, image_format, resample_band, package_dir
-from .data import _root_and_source, BigEarthNetMM, bigearthnet_package_samples
-from .detection_data import VEDAI, image_to_tensor
+from .core import DATASETS, DataFormatError, DataNotFoundError
+from .data import DataSpec, register_data_spec, _root_and_source
+from .io import image_to_tensor, read_bands, resize_chw, write_tiff
 
 # %% auto #0
-__all__ = ['SMOKE_MARKER', 'DFC2023_CLASSES', 'DFC2023_MODALITIES', 'DFC2023_HEIGHT_DIRS', 'DFC2023_NORM', 'DNW_CLASSES',
-           'UA_CLASSES_27', 'UA_CODES_27', 'UA_COLORS', 'UA_CLASSES_CODE9', 'UA27_TO_CODE9', 'UA_CLASSES_7',
-           'UA27_TO_7', 'UA_MERGES', 'IGNORE_INDEX', 'QUADRUPLET_CHANNELS', 'QUADRUPLET_MAPS', 'S2_BANDS_QUAD',
-           'S1_BANDS_QUAD', 'QUADRUPLET_PLACES', 'QUADRUPLET_NORM', 'raster_chw', 'read_bands', 'write_tiff',
-           'resize_chw', 'polygon_to_mask', 'rle_to_mask', 'segmentation_to_mask', 'masks_to_boxes', 'load_coco',
-           'DFC2023Track2', 'dfc2023_normalize', 'merge_ua_labels', 'ua_colors_to_index', 'quadruplet_path',
-           'Quadruplets', 'quadruplet_normalize', 'smoke_dfc2023_root', 'spectral_rule_classes',
-           'smoke_quadruplet_root']
-
-# %% ../nbs/api/18_multimodal_data.ipynb #83c7f138
-def _tiff_axes(path) -> str:
-    "The axes of the first series of a TIFF (tifffile: e.g. 'SYX' band-planar, 'YXS' pixel-interleaved), or ''."
-    import tifffile
-    try:
-        with tifffile.TiffFile(path) as t: return t.series[0].axes
-    except Exception: return ''
-
-def raster_chw(a: np.ndarray, path: str | os.PathLike = '') -> np.ndarray:
-    "A raster array (`H×W`, `H×W×C` or `C×H×W`) of the file `path` with the bands first: `[C,H,W]`."
-    a = np.asarray(a)
-    if a.ndim == 2: return a[None]
-    if a.ndim != 3: raise DataFormatError(f'{path}: expected a 2-D or 3-D raster, got shape {a.shape}')
-    axes = _tiff_axes(path) if path and image_format(path) == 'tiff' else ''
-    last = axes[-1] == 'S' if len(axes) == 3 else a.shape[2] <= a.shape[0]
-    return a.transpose(2, 0, 1) if last else a
-
-def read_bands(path: str | os.PathLike, what: str, ok: Callable[[int], bool], expected: str) -> np.ndarray:
-    "Read `path` as `[C,H,W]` and check its band count (`ok(C)`); the error names the file and the modality."
-    a = raster_chw(read_image(path), path)
-    if not ok(a.shape[0]):
-        raise DataFormatError(f'{path}: the {what} file has {a.shape[0]} band(s), expected {expected}')
-    return a
-
-def write_tiff(path: str | os.PathLike, chw: np.ndarray) -> Path:
-    "Write `[C,H,W]` (or `[H,W]`) as one band-planar TIFF series, atomically (`read_image` reads it back as is)."
-    import tifffile
-    a = np.ascontiguousarray(chw[0] if chw.ndim == 3 and len(chw) == 1 else chw)
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, a, photometric='minisblack', planarconfig='separate' if a.ndim == 3 else None)
-    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
-    return Path(path)
-
-def resize_chw(x: np.ndarray, size: int, mode: str) -> np.ndarray:
-    "Every band of `[C,H,W]` resized to `size×size` with `resample_band` (`'bilinear'` or `'nearest'`)."
-    if x.shape[-2:] == (size, size): return x
-    return np.stack([resample_band(b, (size, size), mode) for b in x]) if len(x) else np.zeros((0, size, size), x.dtype)
+__all__ = ['DFC2023_CLASSES', 'DFC2023_MODALITIES', 'DFC2023_HEIGHT_DIRS', 'DFC2023_NORM', 'DNW_CLASSES', 'UA_CLASSES_27',
+           'UA_CODES_27', 'UA_COLORS', 'UA_CLASSES_CODE9', 'UA27_TO_CODE9', 'UA_CLASSES_7', 'UA27_TO_7', 'UA_MERGES',
+           'IGNORE_INDEX', 'QUADRUPLET_CHANNELS', 'QUADRUPLET_MAPS', 'S2_BANDS_QUAD', 'S1_BANDS_QUAD',
+           'QUADRUPLET_PLACES', 'QUADRUPLET_NORM', 'polygon_to_mask', 'rle_to_mask', 'segmentation_to_mask',
+           'masks_to_boxes', 'load_coco', 'DFC2023Track2', 'dfc2023_normalize', 'merge_ua_labels', 'ua_colors_to_index',
+           'quadruplet_path', 'Quadruplets', 'quadruplet_normalize']
 
 # %% ../nbs/api/18_multimodal_data.ipynb #cc962d22
 def polygon_to_mask(xy: Sequence[float], h: int, w: int) -> np.ndarray:
@@ -127,16 +86,7 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
         if len(rows): out[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
     return out
 
-# %% ../nbs/api/18_multimodal_data.ipynb #a6ddbe40
-SMOKE_MARKER = 'rsrepro smoke stand-in'
-
-def _source(name: str, root, data_root) -> tuple[Path, str]:
-    root, src = _root_and_source(name, root, data_root)
-    s = root/'SOURCE.txt'
-    if s.is_file() and s.read_text(encoding='utf-8', errors='replace').startswith(SMOKE_MARKER):
-        src = f'smoke-standin:{root}'
-    return root, src
-
+# %% ../nbs/api/18_multimodal_data.ipynb #7a17b00e
 def _bad_values(a: np.ndarray, n: int) -> list:
     "Up to 5 distinct values of `a` that are not the integers 0..n-1 (integral floats shown as ints)."
     bad = np.unique(a[~np.isin(a, np.arange(n))])[:5]
@@ -167,7 +117,7 @@ register_data_spec(DataSpec(
            'train/height/<file_name>.tif (1 band, nDSM in m; dsm/ or ndsm/ accepted), and the same under val/, test/',
     how_to_get='IEEE GRSS DFC2023 track 2 (track2.zip) from https://ieee-dataport.org/competitions/'
                '2023-ieee-grss-data-fusion-contest-large-scale-fine-grained-building-classification, extracted into '
-               '$RSREPRO_DATA/DFC_Track_2/; rsrepro.multimodal_data.smoke_dfc2023_root() writes a small stand-in',
+               '$RSREPRO_DATA/DFC_Track_2/; rsrepro.standins.smoke_dfc2023_root() writes a small stand-in',
     is_valid=lambda p: (p/'annotations').is_dir() and any((p/s/'rgb').is_dir() for s in ('train', 'val', 'test'))))
 
 def load_coco(path: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
@@ -212,7 +162,7 @@ class DFC2023Track2(Dataset):
         self.modalities = {m: DFC2023_MODALITIES[m] for m in mods}
         self.split, self.transforms, self.normalize = split, transforms, bool(normalize)
         self.size, self.tile = (int(size) if size else None), (int(tile) if tile else None)
-        self.root, self.data_source = _source(self.name, root, data_root)
+        self.root, self.data_source = _root_and_source(self.name, root, data_root)
         self.ann_file = self.root/'annotations'/f'buildings_only_{split}.json'
         if not self.ann_file.is_file():
             have = sorted(p.name for p in (self.root/'annotations').glob('*.json'))
@@ -395,7 +345,7 @@ register_data_spec(DataSpec(
            'optional: splits/train.txt, splits/val.txt (place folders, one per line)',
     how_to_get='not public: ask the authors (Chen, Zhao, Bruzzone, TGRS 2024; https://github.com/Yusin2Chen/'
                'incomplete_multimodal_fusion) and put it in $RSREPRO_DATA/Quadruplets/; '
-               'rsrepro.multimodal_data.smoke_quadruplet_root() writes a small stand-in',
+               'rsrepro.standins.smoke_quadruplet_root() writes a small stand-in',
     is_valid=lambda p: p.is_dir() and any(_has_s2_dirs(q) for q in p.iterdir())))
 
 @DATASETS.register('quadruplets')
@@ -417,7 +367,7 @@ class Quadruplets(Dataset):
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
         self.classes = UA_MERGES[label_scheme][0]
         self.with_label, self.normalize, self.size = bool(with_label), bool(normalize), (int(size) if size else None)
-        self.root, self.data_source = _source(self.name, root, data_root)
+        self.root, self.data_source = _root_and_source(self.name, root, data_root)
         self.places, self.split_source = self._places(split)
         kinds = list(self.modalities) + (['label'] if self.with_label else [])
         self.samples: list[tuple[str, dict[str, Path]]] = []
@@ -499,123 +449,3 @@ def quadruplet_normalize(m: str, x: np.ndarray) -> np.ndarray:
         return (np.clip(x, lo, hi) - mean) / std
     x = np.clip(x, -100, 5000)                              # dem: per-sample standardisation, as in load_dem
     return (x - x.mean()) / np.sqrt(x.var() + 1e-6)
-
-# %% ../nbs/api/18_multimodal_data.ipynb #17c42b08
-def _lidar_dem() -> np.ndarray:
-    pkg = package_dir('lidar')
-    p = pkg/'data'/'dem.tif' if pkg else None
-    if p is None or not p.is_file():
-        raise DataNotFoundError('the smoke stand-ins need the real LiDAR DEM of the PyPI package lidar==0.8.4 '
-                                '(pip install --no-deps lidar==0.8.4); not installed')
-    import logging
-    log = logging.getLogger('tifffile'); level = log.level
-    log.setLevel(logging.ERROR)     # its GDAL_NODATA tag (-3.4e38 as text) does not parse; harmless, no nodata pixels
-    try: return read_bands(p, 'dem', lambda c: c == 1, '1')[0].astype(np.float32)
-    finally: log.setLevel(level)
-
-def _dem_crop(dem: np.ndarray, j: int, t: int) -> np.ndarray:
-    "Window `j` (of a 3×3 grid, cycling) of `t×t` pixels of the DEM; the whole DEM resized when it is smaller than `t`."
-    H, W = dem.shape
-    if t > min(H, W): return resample_band(dem, (t, t), 'bilinear')
-    rows, cols = np.linspace(0, H - t, 3).astype(int), np.linspace(0, W - t, 3).astype(int)
-    r, c = rows[(j % 9) // 3], cols[j % 3]
-    return dem[r:r + t, c:c + t]
-
-def _write_text(path: Path, text: str):
-    if not path.is_file():
-        with atomic_write(path) as f: f.write(text)
-
-def smoke_dfc2023_root(dest: str | os.PathLike, data_root: str | os.PathLike | None = None, tile: int = 256) -> Path:
-    "Write a DFC2023-Track-2-layout stand-in from the 3 real VEDAI scenes and the lidar DEM under `dest` (smoke only)."
-    dest = Path(dest); tile = int(tile)
-    ves = VEDAI(split='all', data_root=data_root)
-    dem = _lidar_dem()
-    images, anns, j = [], [], 0
-    for k in range(len(ves)):
-        s = ves[k]; img = s['image']; H, W = img.shape[1:]
-        if H % tile or W % tile: raise ValueError(f'smoke_dfc2023_root: tile={tile} does not divide the {H}×{W} scene')
-        for r in range(0, H, tile):
-            for c in range(0, W, tile):
-                name = f'P_{s["id"]}_{r // tile}{c // tile}.tif'
-                files = {'rgb': (img[:3, r:r + tile, c:c + tile] * 255).round().to(torch.uint8).numpy(),
-                         'sar': img[3:4, r:r + tile, c:c + tile].numpy().astype(np.float32),
-                         'height': _dem_crop(dem, j, tile)[None].astype(np.float32)}
-                for split in ('train', 'val'):
-                    for m, a in files.items():
-                        if not (dest/split/m/name).is_file(): write_tiff(dest/split/m/name, a)
-                images.append({'id': j, 'file_name': name, 'height': tile, 'width': tile})
-                for poly in s['polygons'].numpy().astype(np.float64):
-                    xy = (poly - (c, r)).reshape(-1)
-                    m = polygon_to_mask(xy, tile, tile)
-                    if not m.any(): continue
-                    x1, y1, x2, y2 = masks_to_boxes(m[None])[0].tolist()
-                    anns.append({'id': len(anns) + 1, 'image_id': j, 'category_id': 1, 'iscrowd': 0,
-                                 'segmentation': [[round(v, 2) for v in xy.tolist()]], 'area': int(m.sum()),
-                                 'bbox': [x1, y1, x2 - x1, y2 - y1]})
-                j += 1
-    coco = {'info': {'description': f'{SMOKE_MARKER}: VEDAI vehicles (oriented boxes) as building instances'},
-            'images': images, 'annotations': anns, 'categories': [{'id': 1, 'name': 'building'}]}
-    for split in ('train', 'val'): _write_text(dest/'annotations'/f'buildings_only_{split}.json', json.dumps(coco))
-    _write_text(dest/'SOURCE.txt', f"""{SMOKE_MARKER} for DFC2023 Track 2 (rsrepro.multimodal_data.smoke_dfc2023_root)
-NOT the DFC2023 data. Real bytes in the official DFC2023 Track 2 layout, {len(images)} tiles of {tile}x{tile}:
-  rgb/     <- the RGB of the 3 real VEDAI sample scenes ({ves.data_source}), cut into tiles
-  sar/     <- the VEDAI infrared band of the same scenes (a co-registered second sensor, NOT SAR), float32 IR/255
-  height/  <- crops of the real 1 m LiDAR DEM lidar/data/dem.tif of the PyPI package lidar==0.8.4 (absolute heights,
-              not an nDSM; another place, not co-registered with rgb/sar)
-  annotations/buildings_only_*.json <- the VEDAI vehicles' oriented boxes (8-class protocol) as COCO polygons:
-              vehicles stand in for buildings
-  train/ and val/ hold the same tiles and both jsons list all of them (smoke only: no held-out data)
-""")
-    return dest
-
-# %% ../nbs/api/18_multimodal_data.ipynb #ef9cd5bb
-_RULE_DNW_UA = ((0, 27), (1, 23), (4, 18), (2, 20), (7, 25), (6, 1))   # the rule's classes in order of precedence
-
-def spectral_rule_classes(s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "Smoke stand-in maps from S2 `[4,H,W]` (B02, B03, B04, B08 reflectance × 1e4): (DW-like index, UrbanAtlas index)."
-    b, g, r, n = (np.asarray(s2, np.float64) / 10000.0)
-    ndvi, ndwi = (n - r) / (n + r + 1e-6), (g - n) / (g + n + 1e-6)
-    conds = (ndwi > 0, ndvi > 0.6, ndvi > 0.45, ndvi > 0.3, (r + g + b) / 3 > 0.25, np.ones_like(ndvi, bool))
-    k = np.argmax(np.stack(conds), axis=0)                  # first condition that holds
-    dnw, ua = (np.array([t[i] for t in _RULE_DNW_UA], np.int64)[k] for i in (0, 1))
-    return dnw, ua
-
-def smoke_quadruplet_root(dest: str | os.PathLike, crop: int = 112) -> Path:
-    "Write a quadruplet-layout stand-in from the 6 real BigEarthNet-MM pairs and the lidar DEM under `dest` (smoke only)."
-    dest = Path(dest)
-    got = bigearthnet_package_samples()
-    if got is None:
-        raise DataNotFoundError('smoke_quadruplet_root needs the 6 real BigEarthNet-MM pairs of the PyPI package '
-                                'bigearthnet-common==2.8.0 (pip install --no-deps bigearthnet-common==2.8.0)')
-    ben = BigEarthNetMM(root=got[0], split='all', normalize=False)
-    dem = _lidar_dem()
-    o = (120 - crop) // 2; win = (slice(None), slice(o, o + crop), slice(o, o + crop))
-    places = {'f1': [], 'f2': []}
-    for k in range(len(ben)):
-        place = 'f1' if k < 4 else 'f2'
-        rel = f'{place}/s2_ben/{ben.ids[k]}.tif'
-        places[place].append(rel)
-        if all((dest/quadruplet_path(rel, kd)).is_file() for kd in ('s2', 's1', 'dem', 'dnw', 'alt')): continue
-        s = ben[k]
-        s2 = np.clip(np.rint(s['s2'].numpy()[win]), 0, 65535).astype(np.uint16)
-        dnw, ua = spectral_rule_classes(s2[[1, 2, 3, 7]])
-        dw = np.concatenate([(dnw[None] == np.arange(9)[:, None, None]).astype(np.float32), dnw[None].astype(np.float32)])
-        out = {'s2': s2, 's1': s['s1'].numpy()[win].astype(np.float32), 'dem': _dem_crop(dem, k, crop)[None],
-               'dnw': dw, 'alt': np.array(UA_COLORS, np.uint8)[ua].transpose(2, 0, 1)}
-        for kd, a in out.items():
-            p = dest/quadruplet_path(rel, kd)
-            if not p.is_file(): write_tiff(p, a)
-    for split, place in (('train', 'f1'), ('val', 'f2')): _write_text(dest/'splits'/f'{split}.txt', place + '\n')
-    _write_text(dest/'SOURCE.txt', f"""{SMOKE_MARKER} for the quadruplet LULC dataset (rsrepro.multimodal_data.smoke_quadruplet_root)
-NOT the paper's quadruplets. Real bytes in the authors' layout, {len(ben)} samples of {crop}x{crop} (centre crops):
-  f*/s1_ben/  <- Sentinel-1 VV, VH (dB) of the 6 real BigEarthNet-MM pairs ({got[1]})
-  f*/s2_ben/  <- their Sentinel-2 L2A 12-band stacks (B01..B12, B8A; S2_SR_HARMONIZED order); the reader takes B02,B03,B04,B08
-  f*/dem_ben/ <- crops of the real 1 m LiDAR DEM lidar/data/dem.tif of the PyPI package lidar==0.8.4 (another place,
-                 not co-registered, 1 m pixels instead of 10 m)
-  f*/dnw_ben/ <- NOT Dynamic World: a fixed spectral rule on the real S2 bands (NDWI/NDVI/brightness thresholds,
-                 rsrepro.multimodal_data.spectral_rule_classes), 10-band one-hot + label
-  f*/alt_ben/ <- NOT UrbanAtlas: the same rule mapped to UrbanAtlas classes, as an RGB colour raster
-  DNW-containing modality combinations are therefore trivially easy on this data.
-  splits: f1 (4 samples) = train, f2 (2 samples) = val
-""")
-    return dest

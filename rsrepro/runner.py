@@ -8,7 +8,7 @@ import hashlib, json, os, sys, time, traceback
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
-from .core import RsreproError, atomic_write, git_commit, repo_root, utc_now
+from .core import RsreproError, atomic_write, get_device, git_commit, repo_root, utc_now
 
 # %% auto #0
 __all__ = ['PAPERS', 'NOT_REPRODUCED', 'nbs_root', 'find_notebooks', 'NotebookRun', 'write_summary', 'load_summary',
@@ -124,7 +124,7 @@ def reproduce(profile: str = 'smoke', paper: str | None = None, only: list[str] 
     "Run the selected narrative notebooks; returns the summary dict (see `write_summary`)."
     from tqdm.auto import tqdm
     if profile not in ('smoke', 'full'): raise RsreproError(f"profile must be 'smoke' or 'full', got {profile!r}")
-    device = device or ('cuda' if profile == 'full' else 'cpu')
+    device = str(get_device(device or 'auto'))     # one device decision: CUDA asked for where there is none fails here
     nbs = nbs_root(root)
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     notebooks = find_notebooks(nbs.parent, paper, only)

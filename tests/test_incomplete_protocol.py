@@ -12,7 +12,7 @@ from rsrepro.incomplete_protocol import (CLASSES, PARADIGMS, PROFILES, QUERIES, 
 
 def test_full_profile_is_the_papers_protocol():
     p = PROFILES['full']
-    assert p.img_size == 256 and p.num_visible == 512 and p.require_full_data
+    assert p.img_size == 256 and p.require_full_data
     pt = p.pretrain
     assert (pt.epochs, pt.batch_size, pt.lr, pt.weight_decay, pt.warmup_epochs) == (1600, 40, 1e-4, 0.05, 40)
     dfc, quad = p.finetune['dfc2023'], p.finetune['quadruplets']
@@ -27,6 +27,7 @@ def test_paradigms_switch_what_they_say(paradigm):
     m = build_segmenter(Finetune('dfc2023', 'semantic', paradigm), img_size=64, hidden_dim=32)
     bb = m.backbone
     assert bb.masked_attention == (paradigm not in ('w/o Mask', 'Sup. MultiViT'))
+    assert bb.img_size == 64
     assert (bb.modality_attention is not None) == (paradigm not in ('w/o Attention', 'Sup. MultiViT'))
     assert m.random_modalities == (paradigm not in ('w/o Random', 'Sup. MultiViT'))
     f = Finetune('dfc2023', 'semantic', paradigm)
@@ -74,13 +75,6 @@ def test_scores_by_hand():
     assert score('instance', [p], [{'instances': {'masks': g}}]) == pytest.approx(0.5, abs=1e-6)
 
 
-def test_full_profile_refuses_the_stand_ins(tmp_path, monkeypatch):
-    monkeypatch.setenv('RSREPRO_DATA', str(tmp_path/'nothing'))
-    ex = IncompleteExperiment('full', out_dir=tmp_path)
-    for data in ('dfc2023', 'quadruplets'):
-        with pytest.raises(DataNotFoundError): ex.dataset(data, 'train')
-
-
 def test_smoke_runs_are_cached_and_resume(tmp_path):
     ex = IncompleteExperiment('smoke', out_dir=tmp_path, device='cpu')
     try: ex.dataset('quadruplets', 'train')
@@ -95,3 +89,39 @@ def test_smoke_runs_are_cached_and_resume(tmp_path):
     mtime = (run/'finetune'/f.key/'weights.pt').stat().st_mtime
     assert IncompleteExperiment('smoke', out_dir=tmp_path, device='cpu').evaluate(f) == s1    # cached
     assert (run/'finetune'/f.key/'weights.pt').stat().st_mtime == mtime
+
+
+def test_w_all_is_its_own_run():
+    "Table III/IV's 'w/ all' is Sup. Proposed's setting trained again (own folder, own seed), not a copy of its numbers."
+    a, b = Finetune('quadruplets', 'lulc', 'w/ all'), Finetune('quadruplets', 'lulc', 'Sup. Proposed')
+    assert a.key != b.key and PARADIGMS['w/ all'][2].get('seed_offset', 0) != PARADIGMS['Sup. Proposed'][2].get('seed_offset', 0)
+    ma, mb = (build_segmenter(f, img_size=64, hidden_dim=32) for f in (a, b))
+    assert repr(ma) == repr(mb) and ma.random_modalities and mb.random_modalities
+
+
+def test_visible_tokens_are_half_of_all_tokens():
+    from rsrepro.incomplete import IncompletePretrain, incomplete_vit_tiny_patch16
+    from rsrepro.incomplete_protocol import DATA
+    nv = {d: IncompletePretrain(incomplete_vit_tiny_patch16(modalities=DATA[d], img_size=PROFILES['full'].img_size)
+                                ).num_visible for d in DATA}
+    assert nv == {'dfc2023': 384, 'quadruplets': 512}
+
+
+def test_dfc2023_is_cut_into_256_px_tiles_not_resized(tmp_path):
+    "The organisers' 512-px images give four 256-px tiles each, holding the image's own pixels."
+    import numpy as np
+    from rsrepro.io import write_tiff
+    base = tmp_path/'DFC_Track_2'
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for m, c in (('rgb', 3), ('sar', 1), ('height', 1)):
+            write_tiff(base/split/m/'P_0000.tif', rng.random((c, 512, 512), dtype=np.float32) * 255)
+        (base/'annotations').mkdir(parents=True, exist_ok=True)
+        (base/'annotations'/f'buildings_only_{split}.json').write_text(json.dumps(
+            {'images': [{'id': 0, 'file_name': 'P_0000.tif', 'height': 512, 'width': 512}], 'annotations': [],
+             'categories': [{'id': 1, 'name': 'building'}]}))
+    ex = IncompleteExperiment('full', data_root=tmp_path, out_dir=tmp_path/'out', device='cpu')
+    ds = ex.dataset('dfc2023', 'train')
+    assert len(ds) == 4 and ds[3]['rgb'].shape == (3, 256, 256) and ds[3]['id'].endswith('_r256_c256')
+    raw = __import__('rsrepro.multimodal_data', fromlist=['x']).DFC2023Track2(root=base, split='train', normalize=True)[0]
+    assert torch.equal(ds[3]['sar'], raw['sar'][:, 256:, 256:])

@@ -11,6 +11,7 @@ import tifffile
 import torch
 
 import rsrepro.multimodal_data as md
+from rsrepro.io import write_tiff
 from rsrepro.core import DATASETS, DataFormatError, DataNotFoundError
 from rsrepro.data import DATA_SPECS, find_shared_data, get_dataset, package_dir
 
@@ -38,9 +39,9 @@ def _dfc_root(base: Path, height_dir='height', split='train', n=2, hw=8, anns=No
         rgb = rng.integers(0, 256, (hw, hw, 3), dtype=np.uint8)
         (base/split/'rgb').mkdir(parents=True, exist_ok=True)
         if k == 0: tifffile.imwrite(base/split/'rgb'/name, rgb, photometric='rgb')
-        else: md.write_tiff(base/split/'rgb'/name, rgb.transpose(2, 0, 1))
-        md.write_tiff(base/split/'sar'/name, rng.random((hw, hw), dtype=np.float32))
-        md.write_tiff(base/split/height_dir/name, np.full((hw, hw), 3.0 + k, np.float32))
+        else: write_tiff(base/split/'rgb'/name, rgb.transpose(2, 0, 1))
+        write_tiff(base/split/'sar'/name, rng.random((hw, hw), dtype=np.float32))
+        write_tiff(base/split/height_dir/name, np.full((hw, hw), 3.0 + k, np.float32))
     if anns is None:
         anns = [{'id': 1, 'image_id': 0, 'category_id': 7, 'iscrowd': 0, 'segmentation': [_poly(0, 0, 3, 2)]},
                 {'id': 2, 'image_id': 0, 'category_id': 7, 'iscrowd': 0, 'segmentation': [_poly(2, 1, 5, 4)]},
@@ -55,7 +56,7 @@ def _dfc_root(base: Path, height_dir='height', split='train', n=2, hw=8, anns=No
 def _quad_sample(base: Path, rel: str, s2_bands=12, dnw_bands=10, label='colour', hw=6, dnw_values=None,
                  label_values=None):
     "One sample in the authors' layout; S2 band b holds 100*(b+1), S1 (VV, VH, angle) = (-10, -17, 35)."
-    write = lambda kind, a: md.write_tiff(base/md.quadruplet_path(rel, kind), a)
+    write = lambda kind, a: write_tiff(base/md.quadruplet_path(rel, kind), a)
     write('s2', np.stack([np.full((hw, hw), 100 * (b + 1), np.uint16) for b in range(s2_bands)]))
     write('s1', np.stack([np.full((hw, hw), v, np.float32) for v in (-10, -17, 35)]))
     write('dem', np.full((hw, hw), 42.0, np.float32))
@@ -208,16 +209,16 @@ def test_dfc_missing_sar_names_the_file(tmp_path):
 
 def test_dfc_wrong_band_count_names_the_file(tmp_path):
     root = _dfc_root(tmp_path)
-    md.write_tiff(root/'train'/'rgb'/'P_0001.tif', np.zeros((8, 8), np.uint8))
+    write_tiff(root/'train'/'rgb'/'P_0001.tif', np.zeros((8, 8), np.uint8))
     ds = md.DFC2023Track2(root=root)
     with pytest.raises(DataFormatError, match=r'P_0001\.tif: the rgb file has 1 band\(s\), expected 3'): ds[1]
-    md.write_tiff(root/'train'/'height'/'P_0000.tif', np.zeros((2, 8, 8), np.float32))
+    write_tiff(root/'train'/'height'/'P_0000.tif', np.zeros((2, 8, 8), np.float32))
     with pytest.raises(DataFormatError, match=r'height/P_0000\.tif: the dsm file has 2 band'): ds[0]
 
 
 def test_dfc_size_mismatch_names_the_file(tmp_path):
     root = _dfc_root(tmp_path)
-    md.write_tiff(root/'train'/'sar'/'P_0000.tif', np.zeros((4, 4), np.float32))
+    write_tiff(root/'train'/'sar'/'P_0000.tif', np.zeros((4, 4), np.float32))
     with pytest.raises(DataFormatError, match=r'sar/P_0000\.tif: sar of .P_0000. is \(4, 4\) pixels'):
         md.DFC2023Track2(root=root)[0]
 
@@ -328,7 +329,7 @@ def test_quadruplets_bad_files_name_the_file(tmp_path):
     _quad_sample(tmp_path, 'f1/s2_a/x.tif', s2_bands=5)
     with pytest.raises(DataFormatError, match=r's2_a/x\.tif: the s2 file has 5 band'): md.Quadruplets(root=tmp_path, split='all')[0]
     _quad_sample(tmp_path, 'f1/s2_a/x.tif')
-    md.write_tiff(tmp_path/'f1'/'dem_a'/'x.tif', np.zeros((5, 5), np.float32))
+    write_tiff(tmp_path/'f1'/'dem_a'/'x.tif', np.zeros((5, 5), np.float32))
     with pytest.raises(DataFormatError, match=r'dem_a/x\.tif: dem of .* is \(5, 5\) pixels'):
         md.Quadruplets(root=tmp_path, split='all')[0]
     _quad_sample(tmp_path, 'f1/s2_a/x.tif', dnw_values=np.full((6, 6), 9))
@@ -337,47 +338,3 @@ def test_quadruplets_bad_files_name_the_file(tmp_path):
     _quad_sample(tmp_path, 'f1/s2_a/x.tif', label='index', label_values=np.full((6, 6), 30))
     with pytest.raises(DataFormatError, match=r'alt_a/x\.tif: UrbanAtlas label values'):
         md.Quadruplets(root=tmp_path, split='all')[0]
-
-
-# ------------------------------------------------------------------------------------------------ smoke stand-ins
-@needs_dfc_smoke
-def test_smoke_dfc2023_root(tmp_path):
-    from rsrepro.detection_data import VEDAI
-    root = md.smoke_dfc2023_root(tmp_path/'DFC_Track_2')
-    src = (root/'SOURCE.txt').read_text()
-    assert src.startswith(md.SMOKE_MARKER) and 'NOT SAR' in src and 'lidar==0.8.4' in src
-    tr, va = md.DFC2023Track2(root=root, split='train'), md.DFC2023Track2(root=root, split='val')
-    assert len(tr) == len(va) == 12 and tr.ids == va.ids and tr.data_source == f'smoke-standin:{root.resolve()}'
-    ved = VEDAI(split='all')[0]['image']                                  # scene 00000000, first tile = top left
-    s = tr[0]
-    assert s['id'] == 'P_00000000_00' and s['rgb'].shape == (3, 256, 256)
-    assert (s['rgb'] - ved[:3, :256, :256]).abs().max() <= 0.5 / 255 + 1e-6
-    assert torch.equal(s['sar'][0], ved[3, :256, :256])
-    dem = tifffile.imread(_LIDAR/'data'/'dem.tif')
-    assert torch.equal(s['dsm'][0], torch.from_numpy(dem[:256, :256].astype(np.float32)))
-    n = 0
-    for k in range(len(tr)):
-        t = tr[k]; m = t['instances']['masks']; n += len(m)
-        assert m.flatten(1).any(1).all() and torch.equal(t['mask'], m.any(0).long() if len(m) else t['mask'] * 0)
-    assert n > 0
-    before = {p: p.stat().st_mtime_ns for p in root.rglob('*') if p.is_file()}
-    md.smoke_dfc2023_root(root)                                           # idempotent: nothing rewritten
-    assert {p: p.stat().st_mtime_ns for p in root.rglob('*') if p.is_file()} == before
-
-
-@needs_quad_smoke
-def test_smoke_quadruplet_root(tmp_path):
-    from rsrepro.data import BigEarthNetMM, bigearthnet_package_samples
-    root = md.smoke_quadruplet_root(tmp_path/'Quadruplets')
-    src = (root/'SOURCE.txt').read_text()
-    assert src.startswith(md.SMOKE_MARKER) and 'NOT Dynamic World' in src and 'NOT UrbanAtlas' in src
-    tr, va = md.Quadruplets(root=root, split='train'), md.Quadruplets(root=root, split='val')
-    assert (len(tr), len(va)) == (4, 2) and va.data_source.startswith('smoke-standin:')
-    ben = BigEarthNetMM(root=bigearthnet_package_samples()[0], split='all', normalize=False)
-    b, s = ben[0], tr[0]
-    assert s['id'] == f'f1/s2_ben/{ben.ids[0]}' and s['s1'].shape == (2, 112, 112)
-    assert torch.equal(s['s1'], b['s1'][:, 4:116, 4:116])
-    assert torch.equal(s['s2'], b['s2'][[1, 2, 3, 7], 4:116, 4:116].round())
-    dnw, ua = md.spectral_rule_classes(s['s2'].numpy())
-    assert torch.equal(s['dnw'], torch.from_numpy(dnw)) and torch.equal(s['mask'], torch.from_numpy(md.merge_ua_labels(ua)))
-    assert set(torch.cat([tr[k]['mask'].flatten() for k in range(4)]).unique().tolist()) <= set(range(7))

@@ -12,7 +12,7 @@ DEST = ROOT/'nbs'/'papers'/'incomplete'
 PARAMS = '''# %% tags=["parameters"]
 profile = 'smoke'      # 'smoke': a few steps on real samples, any CPU, minutes | 'full': the paper's protocol (CUDA, full data)
 data_root = None       # folder holding the full datasets (default: $RSREPRO_DATA)
-device = 'cpu'         # 'cpu' | 'cuda'
+device = 'auto'        # 'auto' (CUDA when there is one) | 'cpu' | 'cuda'
 seed = 0
 out_dir = 'results'    # where result records, figures and executed notebooks go
 '''
@@ -28,8 +28,9 @@ DATA_DFC = '''# ## Data
 #
 # **DFC2023 Track 2** (RGB + SAR + nDSM, building instances in COCO json), in the organisers' layout under
 # `$RSREPRO_DATA/DFC_Track_2/` (`annotations/buildings_only_{train,val}.json`, `{split}/{rgb,sar,height}/*.tif`; see
-# `nbs/api/18_multimodal_data` for the sources and the accepted alternatives). The paper's 256-px crops and its
-# 5,332 / 1,335 split are its authors' own and not published: `full` uses the official train / val split at 256 px.
+# `nbs/api/18_multimodal_data` for the sources and the accepted alternatives). The paper's 256-px samples and its
+# 5,332 / 1,335 split are its authors' own and not published: `full` cuts each of the organisers' 512-px images into
+# four 256-px tiles (not resized; 5,332 = 4 x 1,333) and keeps their train / val split.
 #
 # In `smoke`, when the dataset is absent, a **stand-in** in the same layout is written from real bytes: the 3 VEDAI
 # sample scenes (RGB; the VEDAI infrared band in the SAR slot), crops of a real LiDAR DEM from the `lidar` package
@@ -52,14 +53,13 @@ SETUP = '''# %%
 import time
 import pandas as pd
 from rsrepro import published
-from rsrepro.incomplete_protocol import (ASSUMPTIONS, Finetune, IncompleteExperiment, combo_label, get_profile,
-                                         plot_combinations)
+from rsrepro.incomplete_protocol import ASSUMPTIONS, Finetune, IncompleteExperiment, combo_label, plot_combinations
 from rsrepro.incomplete import count_parameters, modality_combinations
 from rsrepro.results import ResultRecorder, report
 
 ex = IncompleteExperiment(profile, data_root=data_root, out_dir=out_dir, seed=seed, device=device)
-prof = get_profile(profile)
-print(f'profile={profile} seed={seed} device={device} image size={prof.img_size} visible tokens={prof.num_visible}')
+prof = ex.profile
+print(f'profile={profile} seed={seed} device={ex.device} image size={prof.img_size}')
 print('pre-training:', prof.pretrain)
 for d, c in prof.finetune.items(): print(f'fine-tuning ({d}):', c)
 '''
@@ -276,18 +276,19 @@ PAGES = [
 # inference, for the four paradigms of Table I.''',
                A_TABLE + A_PRE + ['quadruplet classes', 'quadruplet bands'], 'lulc'),
     table_page('III', 'dfc2023', {'w/o Mask': 'w/o Mask', 'w/o Random': 'w/o Random', 'w/o Attention': 'w/o Attention',
-                                  'w/ all': 'Sup. Proposed'},
+                                  'w/ all': 'w/ all'},
                {'instance': ' / ins.', 'semantic': ' / seg.'}, {' / ins.': 'AP@50', ' / seg.': 'mIoU'},
                '''# **What is compared.** Ablations of the proposed backbone, trained from scratch on DFC2023 Track 2: without the
 # masked self-attention (every token attends to every token), without the random modality combination (all
 # modalities in every training step), without the modality attention (fusion tokens gather only through
-# self-attention); "w/ all" is the full model (Table I's "Sup. Proposed", the same run). 7 combinations each.''',
+# self-attention); "w/ all" is the full model, trained again as its own run (Table I's "Sup. Proposed" setting with
+# the next seed, see the assumption "ablations"). 7 combinations each.''',
                A_TABLE + ['ablations', 'DFC2023 samples', 'semantic mIoU (DFC2023)', 'instance AP@50'], 'instance'),
     table_page('IV', 'quadruplets', {'w/o Mask': 'w/o Mask', 'w/o Random': 'w/o Random', 'w/o Attention': 'w/o Attention',
-                                     'w/ all': 'Sup. Proposed'},
+                                     'w/ all': 'w/ all'},
                {'lulc': ''}, {'': 'mIoU'},
                '''# **What is compared.** The ablations of Table III on the quadruplet LULC task, 15 combinations each; "w/ all" is
-# Table II's "Sup. Proposed" run.''',
+# the full model trained again as its own run (Table II's "Sup. Proposed" setting with the next seed).''',
                A_TABLE + ['ablations', 'quadruplet classes', 'quadruplet bands'], 'lulc'),
     figure_page('5', 'dfc2023', 'instance', '''# **What is shown.** The paper's Figure 5 shows building predictions of the four paradigms of Table I on DFC2023
 # Track 2. We draw, for one validation sample, the inputs and the ground truth, then each paradigm's building

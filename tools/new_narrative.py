@@ -16,7 +16,7 @@ from rsrepro.runner import NOT_REPRODUCED  # noqa: E402
 
 PARAMS = '''profile = 'smoke'      # 'smoke': a few steps on real samples, any CPU, minutes | 'full': the paper's protocol (CUDA, full data)
 data_root = None       # folder holding the full datasets (default: $RSREPRO_DATA)
-device = 'cpu'         # 'cpu' | 'cuda'
+device = 'auto'        # 'auto' (CUDA when there is one) | 'cpu' | 'cuda'
 seed = 0
 out_dir = 'results'    # where result records, figures and executed notebooks go'''
 
