@@ -5,9 +5,9 @@
 # %% ../nbs/api/22_io.ipynb #d86ab52d
 from __future__ import annotations
 import io, os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from .core import DataFormatError, DataNotFoundError, atomic_write
 
 # %% auto #0
 __all__ = ['RESAMPLE_MODES', 'image_format', 'read_image', 'raster_chw', 'read_bands', 'image_to_tensor', 'Grid',
-           'read_geotiff_grid', 'resample_band', 'footprint_mask', 'resize_chw', 'write_tiff', 'write_png']
+           'read_geotiff_grid', 'resample_band', 'footprint_mask', 'resize_chw', 'write_tiff', 'write_png',
+           'LoadReport', 'read_torch', 'read_weights', 'load_weights']
 
 # %% ../nbs/api/22_io.ipynb #1daaee55
 _MAGIC = {b'II*\x00': 'tiff', b'MM\x00*': 'tiff', b'II+\x00': 'tiff', b'MM\x00+': 'tiff',
@@ -178,3 +179,76 @@ def write_png(path: str | os.PathLike, a: np.ndarray) -> Path:
     buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a)).save(buf, format='PNG')
     with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
     return Path(path)
+
+# %% ../nbs/api/22_io.ipynb #6429acdb
+@dataclass
+class LoadReport:
+    "What `load_weights` did: tensors loaded, left at their initialisation (`missing`), in the file but not used, adapted."
+    source: str
+    loaded: list[str]
+    missing: list[str]
+    unused: list[str]
+    adapted: list[str] = field(default_factory=list)
+
+    def __str__(self):
+        cut = lambda l: (', '.join(l[:4]) + (f' ... (+{len(l) - 4})' if len(l) > 4 else '')) if l else 'none'
+        return (f'loaded {len(self.loaded)}/{len(self.loaded) + len(self.missing)} tensors from {self.source}; '
+                f'not in the file: {cut(self.missing)}; in the file but not used: {len(self.unused)} ({cut(self.unused)})'
+                + (f'; adapted: {cut(self.adapted)}' if self.adapted else ''))
+
+def read_torch(path: str | os.PathLike, what: str = 'file', map_location: str | torch.device = 'cpu',
+               hint: str = '') -> Any:
+    "`torch.load(path, weights_only=True)` with errors that name the file: missing, truncated, corrupt or foreign."
+    p = Path(path)
+    if not p.is_file(): raise DataNotFoundError(f'{what}: {p} does not exist')
+    try: return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:
+        msg = str(e); why = msg[msg.find('WeightsUnpickler'):] if 'WeightsUnpickler' in msg else msg
+        raise DataFormatError(f'{what}: {p} cannot be read ({type(e).__name__}: '
+                              f'{why.splitlines()[0][:200] if why else ""}); it is truncated, corrupt or not a '
+                              f'PyTorch weights file{hint}') from e
+
+def read_weights(checkpoint: str | os.PathLike | Mapping[str, Any], what: str = 'weights') -> tuple[dict[str, torch.Tensor], str]:
+    "The tensors of a weights file or dict (`{'model': ...}` / `{'state_dict': ...}` unwrapped) and a name for errors."
+    if isinstance(checkpoint, Mapping): source, obj = 'a state dict', checkpoint
+    else:
+        source = str(checkpoint); obj = read_torch(checkpoint, what)
+        if not isinstance(obj, Mapping): raise DataFormatError(f'{what}: {source} holds a {type(obj).__name__}, not a dict')
+    for k in ('model', 'state_dict'):
+        if isinstance(obj.get(k), Mapping): obj = obj[k]; break
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, source
+
+def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], prefix: str | None = None,
+                 rename: Callable[[dict], dict] | None = None,
+                 adapt: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+                 strict: bool = True, what: str = 'load_weights') -> LoadReport:
+    "Load `checkpoint` (file or dict; its `prefix` part, renamed, adapted) into `module`; errors name the file."
+    sd, source = read_weights(checkpoint, what)
+    other: list[str] = []
+    if prefix:
+        if not any(k.startswith(prefix) for k in sd):
+            raise DataFormatError(f'{what}: {source} has no {prefix}* tensors (first keys: {list(sd)[:5]})')
+        other = [k for k in sd if not k.startswith(prefix)]
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if rename is not None: sd = rename(sd)
+    own = module.state_dict()
+    adapted = []
+    if adapt is not None:
+        for k, v in list(sd.items()):
+            if k in own and v.shape != own[k].shape:
+                new = adapt(k, v, own[k])
+                if new is not None: sd[k] = new; adapted.append(k)
+    bad = [f'{k}: {tuple(v.shape)} in the file vs {tuple(own[k].shape)} in the {type(module).__name__}'
+           for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise DataFormatError(f'{what}: {source} does not fit {type(module).__name__}: ' + '; '.join(bad[:4])
+                              + (f' (+{len(bad) - 4} more)' if len(bad) > 4 else ''))
+    missing = sorted(k for k in own if k not in sd)
+    unused = sorted(k for k in sd if k not in own)
+    if strict and (missing or unused):
+        cut = lambda l: ', '.join(l[:6]) + (f' (+{len(l) - 6} more)' if len(l) > 6 else '') or '-'
+        raise DataFormatError(f'{what}: {source} does not fit {type(module).__name__}: missing [{cut(missing)}]; '
+                              f'unexpected [{cut(unused)}]')
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return LoadReport(source, sorted(k for k in sd if k in own), missing,
+                      sorted([(prefix or '') + k for k in unused] + other), sorted(adapted))

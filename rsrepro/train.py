@@ -18,11 +18,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .core import (RsreproError, DataFormatError, DataNotFoundError, atomic_torch_save, atomic_write,
                           get_device, seed_everything)
+from .io import load_weights, read_torch
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'AMP_MODES', 'CKPT_FORMAT', 'CKPT_NAME', 'TrainConfig', 'lr_factor', 'build_param_groups',
-           'ResumableSampler', 'rng_state', 'set_rng_state', 'load_checkpoint', 'load_model_state', 'load_weights',
-           'write_metrics', 'dist_info', 'to_device', 'amp_dtype', 'fit']
+           'ResumableSampler', 'rng_state', 'set_rng_state', 'load_checkpoint', 'write_metrics', 'dist_info',
+           'to_device', 'amp_dtype', 'fit']
 
 # %% ../nbs/api/07_train.ipynb #46c845c4
 SCHEDULES = ('cosine', 'step', 'constant')
@@ -161,35 +162,11 @@ def set_rng_state(s: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
     "Read a `fit` checkpoint, with a clear error for a missing, truncated or foreign file."
-    path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'checkpoint {path} does not exist')
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        msg = str(e); why = msg[msg.find('WeightsUnpickler'):] if 'WeightsUnpickler' in msg else msg
-        raise DataFormatError(f'checkpoint {path} cannot be read ({type(e).__name__}: {why.splitlines()[0][:200]}); '
-                              f'the file is truncated, corrupt or not a checkpoint: delete it to start over, '
-                              f'or pass another file as resume=') from e
+    ck = read_torch(path, 'checkpoint', map_location, hint=': delete it to start over, or pass another file as resume=')
     if not isinstance(ck, dict) or ck.get('format') != CKPT_FORMAT:
         got = ck.get('format') if isinstance(ck, dict) else type(ck).__name__
         raise DataFormatError(f'{path} is not an rsrepro.train checkpoint (format {got!r}, expected {CKPT_FORMAT!r})')
     return ck
-
-def load_model_state(model: nn.Module, state: dict, source: str = 'state dict') -> nn.Module:
-    "`model.load_state_dict(state)` with an error that lists missing, unexpected and mis-shaped keys."
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]; unexpected = [k for k in state if k not in own]
-    shapes = [f'{k}: {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model'
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        cut = lambda l: ', '.join(l[:8]) + (f' (+{len(l) - 8} more)' if len(l) > 8 else '') or '-'
-        raise RsreproError(f'{source} does not fit {type(model).__name__}: missing keys [{cut(missing)}]; '
-                           f'unexpected keys [{cut(unexpected)}]; shape mismatches [{cut(shapes)}]')
-    model.load_state_dict(state)
-    return model
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    "Load the model weights of a `fit` checkpoint into `model`."
-    return load_model_state(model, load_checkpoint(path)['model'], f'checkpoint {path}')
 
 # %% ../nbs/api/07_train.ipynb #bbf3eb7c
 def write_metrics(rows: list[dict], out_dir: str | os.PathLike) -> None:
@@ -303,7 +280,7 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
                                     '. Use the same settings, another out_dir, or resume=False')
         if ck.get('total_steps') != total and main:
             warnings.warn(f"resuming {src} with total_steps={total} (was {ck.get('total_steps')}): the lr schedule changes")
-        load_model_state(model, ck['model'], f'checkpoint {src}')
+        load_weights(model, ck['model'], what=f'checkpoint {src}')      # strict: every tensor, every shape
         try:
             opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
         except (ValueError, KeyError) as e:

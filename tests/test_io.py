@@ -83,3 +83,32 @@ def test_single_band_and_png(tmp_path):
     with pytest.raises(ValueError, match='expected'):
         write_tiff(tmp_path/'bad.tif', np.zeros((1, 2, 3, 4)))
 
+
+
+def test_load_weights_one_loader_for_every_case(tmp_path):
+    "fit checkpoints, weights.pt files and dicts; a prefix part, a rename and an adapt hook; errors name the file."
+    import torch
+    from rsrepro.io import LoadReport, load_weights
+    src = torch.nn.ModuleDict({'encoder': torch.nn.Linear(3, 4), 'decoder': torch.nn.Linear(4, 2)})
+    p = tmp_path/'weights.pt'
+    torch.save({'model': src.state_dict(), 'setting': {}, 'steps': 3}, p)
+    whole = torch.nn.ModuleDict({'encoder': torch.nn.Linear(3, 4), 'decoder': torch.nn.Linear(4, 2)})
+    r = load_weights(whole, p)
+    assert isinstance(r, LoadReport) and len(r.loaded) == 4 and not r.missing and not r.unused
+    part = torch.nn.Linear(3, 4)
+    r = load_weights(part, p, prefix='encoder.', strict=False)
+    assert torch.equal(part.weight, src['encoder'].weight) and r.unused == ['decoder.bias', 'decoder.weight']
+    with pytest.raises(DataFormatError, match=r'weights\.pt does not fit Linear: missing \[bias, weight\]'):
+        load_weights(torch.nn.Linear(3, 4), p)
+    # rename + adapt: a tensor of another shape is resampled by the hook, not refused
+    big = torch.nn.Linear(3, 8)
+    r = load_weights(big, {'enc.weight': torch.ones(4, 3), 'enc.bias': torch.ones(4)}, prefix='enc.',
+                     adapt=lambda k, v, own: torch.nn.functional.interpolate(v.T[None], size=own.shape[0])[0].T
+                     if v.ndim == 2 else v.repeat(2))
+    assert r.adapted == ['bias', 'weight'] and torch.equal(big.weight, torch.ones(8, 3))
+    with pytest.raises(DataFormatError, match=r'weight: \(4, 3\) in the file vs \(8, 3\)'):
+        load_weights(torch.nn.Linear(3, 8), p, prefix='encoder.')
+    with pytest.raises(DataFormatError, match='no nothing.\\* tensors'): load_weights(part, p, prefix='nothing.')
+    (tmp_path/'junk.pt').write_bytes(b'not a pickle')
+    with pytest.raises(DataFormatError, match=r'junk\.pt cannot be read'): load_weights(part, tmp_path/'junk.pt')
+    with pytest.raises(DataNotFoundError, match=r'absent\.pt does not exist'): load_weights(part, tmp_path/'absent.pt')
