@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
 
-from .attention import CrossAttentionBlock
+from .attention import Block, CrossAttentionBlock
 from .core import MODELS, image_batch
 from .losses import masked_mse, normalize_patches
 from .masking import get_2d_sincos_pos_embed, patchify, simmim_mask, unpatchify
@@ -19,7 +19,7 @@ from .masking import get_2d_sincos_pos_embed, patchify, simmim_mask, unpatchify
 # %% auto #0
 __all__ = ['TOKEN_MASK_RULES', 'QUERIES', 'MASK_QUERIES', 'SWIN_TINY', 'imim_swin_tiny_conventional',
            'imim_swin_tiny_interactive', 'imim_swin_tiny_interactive_qunmasked', 'token_mask_from_patch_mask',
-           'InteractionModule', 'swin_features_only_names', 'InteractiveMIMSwin']
+           'InteractionModule', 'MIMDecoder', 'swin_features_only_names', 'InteractiveMIMSwin']
 
 # %% ../nbs/api/15_imim.ipynb #e50e97ec
 TOKEN_MASK_RULES = ('any', 'all', 'majority')
@@ -36,7 +36,7 @@ def token_mask_from_patch_mask(mask: torch.Tensor, factor: int, rule: str = 'any
     if rule == 'all': return frac >= 1
     return frac >= 0.5
 
-# %% ../nbs/api/15_imim.ipynb #40373d83
+# %% ../nbs/api/15_imim.ipynb #01cd2857
 QUERIES = ('masked', 'unmasked')
 MASK_QUERIES = ('learned', 'encoder')
 
@@ -58,23 +58,57 @@ class InteractionModule(nn.Module):
         self.blocks = nn.ModuleList([CrossAttentionBlock(dim, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, feats: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "`feats [B, N, D]`, `token_mask` bool `[B, N]` (True = masked) -> `(merged [B, N, D], cross-attention outputs [B, N, D])`."
+    def forward(self, feats: torch.Tensor, token_mask: torch.Tensor,
+                token_visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        "`feats [B, N, D]`, masked / unmasked tokens bool `[B, N]` -> `(merged [B, N, D], cross-attention outputs [B, N, D])`."
         B, N, D = feats.shape
         if self.pos_embed.shape[1] != N:
             raise ValueError(f'InteractionModule: features have N={N} tokens but the grid {self.grid_size} has {self.pos_embed.shape[1]}')
         if token_mask.shape != (B, N): raise ValueError(f'InteractionModule: token_mask {tuple(token_mask.shape)} != {(B, N)}')
+        if token_visible is None: token_visible = ~token_mask
+        elif token_visible.shape != (B, N):
+            raise ValueError(f'InteractionModule: token_visible {tuple(token_visible.shape)} != {(B, N)}')
         pos = self.pos_embed.to(feats.dtype)
         kv = feats + pos
         if self.query == 'masked':     # Q_m: query embedding (or encoder features) at masked positions; K_u, V_u
             q = (feats if self.query_embed is None else self.query_embed.expand(B, N, -1)) + pos
-            keys, out_at = ~token_mask, token_mask
+            keys, out_at = token_visible, token_mask
         else:                          # Q_u: unmasked encoder features; K_m, V_m
-            q, keys, out_at = kv, token_mask, ~token_mask
+            q, keys, out_at = kv, token_mask, token_visible
         attn_mask = keys[:, None, :]   # [B, 1(Lq), N(Lk)]: every query sees the same allowed keys
         for blk in self.blocks: q = blk(q, kv, attn_mask)
         z = self.norm(q)
         return torch.where(out_at[..., None], z, feats), z
+
+# %% ../nbs/api/15_imim.ipynb #d2612fe0
+def _xavier_linear(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None: nn.init.zeros_(m.bias)
+
+class MIMDecoder(nn.Module):
+    "Light MAE-style decoder on the stage-4 grid: linear, + sin-cos position, `depth` Blocks, norm, linear to `stride**2 * C` pixels per token."
+    def __init__(self, in_dim: int, grid_size: tuple[int, int], stride: int, out_chans: int, dim: int = 256,
+                 depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.):
+        super().__init__()
+        if depth < 0: raise ValueError(f'MIMDecoder: depth (decoder_depth) must be >= 0, got {depth}')
+        if dim % num_heads: raise ValueError(f'MIMDecoder: dim (decoder_dim)={dim} is not divisible by num_heads={num_heads}')
+        if dim % 4: raise ValueError(f'MIMDecoder: dim (decoder_dim)={dim} must be a multiple of 4 (2-D sin-cos position embedding)')
+        self.grid_size, self.stride, self.out_chans = tuple(grid_size), stride, out_chans
+        self.embed = nn.Linear(in_dim, dim)
+        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(dim, self.grid_size)[None], persistent=False)
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, stride ** 2 * out_chans)
+        self.apply(_xavier_linear)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        "`feats [B, h, w, D]` -> reconstruction `[B, C, h*stride, w*stride]`."
+        B, h, w, D = feats.shape
+        if (h, w) != self.grid_size: raise ValueError(f'MIMDecoder: feature grid {(h, w)} != {self.grid_size}')
+        x = self.embed(feats.reshape(B, h * w, D)) + self.pos_embed.to(feats.dtype)
+        for blk in self.blocks: x = blk(x)
+        return unpatchify(self.pred(self.norm(x)), self.stride, self.out_chans, self.grid_size)
 
 # %% ../nbs/api/15_imim.ipynb #e16da273
 def swin_features_only_names(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,8 +123,9 @@ class InteractiveMIMSwin(nn.Module):
                  embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4., drop_path_rate: float = 0.0,
                  interactive: bool = True, query: str = 'masked', mask_query: str = 'learned',
-                 token_mask_rule: str = 'any', cross_depth: int = 1, cross_num_heads: int | None = None,
-                 mask_patch_size: int = 32, mask_ratio: float = 0.6, loss_on: str = 'all',
+                 token_mask_rule: str = 'any', token_visible_rule: str = 'any', cross_depth: int = 1,
+                 cross_num_heads: int | None = None, decoder_dim: int = 256, decoder_depth: int = 2,
+                 decoder_num_heads: int = 8, mask_patch_size: int = 32, mask_ratio: float = 0.6, loss_on: str = 'all',
                  norm_pix_loss: bool = False, input_key: str = 'image'):
         super().__init__()
         H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -107,11 +142,13 @@ class InteractiveMIMSwin(nn.Module):
                              f'{patch_size} and divide img_size={(H, W)}')
         if not 0.0 <= mask_ratio < 1.0: raise ValueError(f'InteractiveMIMSwin: mask_ratio must be in [0, 1), got {mask_ratio}')
         if loss_on not in ('masked', 'all'): raise ValueError(f"InteractiveMIMSwin: loss_on must be 'masked' or 'all', got {loss_on!r}")
-        if token_mask_rule not in TOKEN_MASK_RULES:
-            raise ValueError(f'InteractiveMIMSwin: token_mask_rule must be one of {TOKEN_MASK_RULES}, got {token_mask_rule!r}')
+        for name, rule in (('token_mask_rule', token_mask_rule), ('token_visible_rule', token_visible_rule)):
+            if rule not in TOKEN_MASK_RULES:
+                raise ValueError(f'InteractiveMIMSwin: {name} must be one of {TOKEN_MASK_RULES}, got {rule!r}')
         self.img_size, self.in_chans, self.patch_size = (H, W), in_chans, patch_size
         self.mask_patch_size, self.mask_ratio, self.loss_on = mask_patch_size, mask_ratio, loss_on
-        self.norm_pix_loss, self.input_key, self.token_mask_rule = norm_pix_loss, input_key, token_mask_rule
+        self.norm_pix_loss, self.input_key = norm_pix_loss, input_key
+        self.token_mask_rule, self.token_visible_rule = token_mask_rule, token_visible_rule
         self.interactive, self.query = interactive, query
         self.encoder = SwinTransformer(img_size=(H, W), patch_size=patch_size, in_chans=in_chans, num_classes=0,
                                        embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
@@ -122,8 +159,8 @@ class InteractiveMIMSwin(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=.02)
         self.interaction = (InteractionModule(self.num_features, self.grid_size, cross_num_heads or num_heads[-1],
                                               cross_depth, mlp_ratio, query, mask_query) if interactive else None)
-        self.decoder = nn.Sequential(nn.Conv2d(self.num_features, self.stride ** 2 * in_chans, kernel_size=1),
-                                     nn.PixelShuffle(self.stride))
+        self.decoder = MIMDecoder(self.num_features, self.grid_size, self.stride, in_chans, decoder_dim, decoder_depth,
+                                  decoder_num_heads, mlp_ratio)
 
     def _images(self, batch) -> torch.Tensor:
         return image_batch(batch, self.input_key, self.in_chans, self.img_size, type(self).__name__)
@@ -135,8 +172,12 @@ class InteractiveMIMSwin(nn.Module):
                            generator=generator).to(device)
 
     def token_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        "Patch mask `[B, H/4, W/4]` -> stage-4 token mask `[B, h, w]` by `token_mask_rule`."
+        "Patch mask `[B, H/4, W/4]` -> masked stage-4 tokens `[B, h, w]` by `token_mask_rule` (of their pixels masked)."
         return token_mask_from_patch_mask(mask, self.stride // self.patch_size, self.token_mask_rule)
+
+    def token_visible(self, mask: torch.Tensor) -> torch.Tensor:
+        "Patch mask `[B, H/4, W/4]` -> unmasked stage-4 tokens `[B, h, w]` by `token_visible_rule` (of their pixels visible)."
+        return token_mask_from_patch_mask(~mask, self.stride // self.patch_size, self.token_visible_rule)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         "Patch-embed, replace masked patches by the mask token, run the Swin stages: features `[B, h, w, D]` (NHWC)."
@@ -144,9 +185,18 @@ class InteractiveMIMSwin(nn.Module):
         if mask is not None: x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         return self.encoder.norm(self.encoder.layers(x))
 
+    def forward_interaction(self, feats: torch.Tensor, token_mask: torch.Tensor,
+                            token_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        "Merged map `[B, h, w, D]` and cross-attention outputs (`None` for conventional MIM: the encoder's features as they are)."
+        if self.interaction is None: return feats, None
+        B, h, w, D = feats.shape
+        merged, cross = self.interaction(feats.reshape(B, h * w, D), token_mask.reshape(B, h * w),
+                                         token_visible.reshape(B, h * w))
+        return merged.reshape(B, h, w, D), cross.reshape(B, h, w, D)
+
     def forward_decoder(self, feats: torch.Tensor) -> torch.Tensor:
-        "SimMIM decoder: `[B, h, w, D]` -> 1x1 conv -> PixelShuffle -> `[B, C, H, W]`."
-        return self.decoder(feats.permute(0, 3, 1, 2))
+        "`MIMDecoder`: merged features `[B, h, w, D]` -> reconstruction `[B, C, H, W]`."
+        return self.decoder(feats)
 
     def loss_target(self, imgs: torch.Tensor) -> torch.Tensor:
         "The reconstruction target: the images, or with `norm_pix_loss` each `mask_patch_size` block standardised."
@@ -172,16 +222,11 @@ class InteractiveMIMSwin(nn.Module):
             raise ValueError(f'InteractiveMIMSwin: mask must be [B, H/{self.patch_size}, W/{self.patch_size}] = {(B, gh, gw)}, '
                              f'got {tuple(mask.shape)}')
         mask = mask.to(imgs.device, torch.bool)
-        feats = self.forward_encoder(imgs, mask)                               # [B, h, w, D]
-        tmask = self.token_mask(mask)
-        cross = None
-        if self.interaction is not None:
-            h, w, D = feats.shape[1:]
-            merged, cross = self.interaction(feats.reshape(B, h * w, D), tmask.reshape(B, h * w))
-            feats, cross = merged.reshape(B, h, w, D), cross.reshape(B, h, w, D)
+        tmask, tvis = self.token_mask(mask), self.token_visible(mask)
+        feats, cross = self.forward_interaction(self.forward_encoder(imgs, mask), tmask, tvis)
         pred = self.forward_decoder(feats)
         out = {'loss': self.forward_loss(imgs, pred, mask), 'pred': pred, 'mask': mask}
-        if return_features: out.update(features=feats, cross=cross, token_mask=tmask)
+        if return_features: out.update(features=feats, cross=cross, token_mask=tmask, token_visible=tvis)
         return out
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
