@@ -13,15 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import Block, CrossAttentionBlock, modality_block_mask
-from .core import MODELS
+from .core import MODELS, DataFormatError
 from .losses import info_nce, masked_cross_entropy, masked_l1, masked_mse
-from .masking import dirichlet_masking, get_2d_sincos_pos_embed, patchify, unpatchify
+from .mask2former import Mask2FormerHead, count_parameters, semantic_targets
+from .masking import dirichlet_masking, get_2d_sincos_pos_embed, patchify, random_modality_subsets, unpatchify
 
 # %% auto #0
-__all__ = ['DFC2023_MODALITIES', 'QUADRUPLET_MODALITIES', 'TASKS', 'Modality', 'modality_combinations', 'ModalityEmbed',
-           'IncompleteMultimodalViT', 'forward', 'forward_features', 'modality_stream', 'ModalityDecoder',
-           'IncompletePretrain', 'reconstruction_loss', 'pooled', 'collate_multimodal', 'IncompleteSegmenter',
-           'load_pretrained_backbone', 'incomplete_vit_tiny_patch16', 'multivit_tiny_patch16']
+__all__ = ['DFC2023_MODALITIES', 'QUADRUPLET_MODALITIES', 'TASKS', 'Modality', 'modality_combinations', 'collate_multimodal',
+           'ModalityEmbed', 'IncompleteMultimodalViT', 'dirichlet_token_mask', 'ModalityDecoder', 'reconstruction_loss',
+           'IncompletePretrain', 'IncompleteSegmenter', 'load_pretrained_backbone', 'incomplete_vit_tiny_patch16',
+           'multivit_tiny_patch16']
 
 # %% ../nbs/api/20_incomplete.ipynb #3b9c1a00
 @dataclass(frozen=True)
@@ -45,6 +46,17 @@ def modality_combinations(names: Sequence[str]) -> list[tuple[str, ...]]:
     "Every non-empty subset of `names`, largest first, in the order of the paper's tables (7 for 3 modalities, 15 for 4)."
     names = list(names)
     return [c for r in range(len(names), 0, -1) for c in itertools.combinations(names, r)]
+
+# %% ../nbs/api/20_incomplete.ipynb #73c23e55
+def collate_multimodal(samples: Sequence[Mapping]) -> dict:
+    "Batch sample dicts: tensors of one shape are stacked; `instances`, ids and anything ragged stay lists."
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if k != 'instances' and all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+            out[k] = torch.stack(vals)
+        else: out[k] = vals
+    return out
 
 # %% ../nbs/api/20_incomplete.ipynb #a9574ab3
 class ModalityEmbed(nn.Module):
@@ -78,24 +90,45 @@ class ModalityEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 # %% ../nbs/api/20_incomplete.ipynb #84170c56
+def _presence(names: Sequence[str], inputs: Mapping, present: Mapping | None, B: int, device) -> dict[str, torch.Tensor]:
+    "Every modality's bool `[B]`: its key is in `inputs` and, where `present` names it, it is present for the sample."
+    present = present or {}
+    unknown = [k for k in present if k not in names]
+    if unknown: raise ValueError(f'present names {unknown} are not modalities of this model ({list(names)})')
+    out = {}
+    for n in names:
+        if inputs.get(n) is None: out[n] = torch.zeros(B, dtype=torch.bool, device=device); continue
+        p = torch.as_tensor(present.get(n, True), device=device).bool()
+        if p.ndim and tuple(p.shape) != (B,):
+            raise ValueError(f'present[{n!r}] must be a bool or a bool [B={B}], got shape {tuple(p.shape)}')
+        out[n] = p.expand(B)
+    return out
+
+def _pack(tokens: torch.Tensor, vis: torch.Tensor, groups: torch.Tensor, pos: torch.Tensor):
+    "Visible tokens first (stable), padded to the batch maximum: tokens, group ids (-1 = pad), positions."
+    order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)
+    n = int(vis.sum(1).max())
+    idx = order[:, :n]
+    valid = torch.gather(vis, 1, idx)
+    x = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    g = torch.where(valid, torch.gather(groups.expand_as(vis), 1, idx), torch.full_like(idx, -1))
+    return x, g, torch.gather(pos.expand_as(vis), 1, idx)
+
 class IncompleteMultimodalViT(nn.Module):
     "Multimodal ViT with spatial fusion tokens, modality attention and masked self-attention, for any subset of modalities."
     def __init__(self, modalities: Mapping[str, Modality] = DFC2023_MODALITIES, img_size: int = 256,
                  patch_size: int = 16, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
                  mlp_ratio: float = 4., modality_attention: bool = True, masked_attention: bool = True,
-                 modality_attention_depth: int = 1, class_embed_dim: int = 64, patch_dropout: float = 0.,
-                 drop_path_rate: float = 0.):
+                 modality_attention_depth: int = 1, class_embed_dim: int = 64, drop_path_rate: float = 0.):
         super().__init__()
         if not modalities: raise ValueError('IncompleteMultimodalViT: no modalities')
         if embed_dim % 4: raise ValueError(f'embed_dim must be a multiple of 4 (2-D sin-cos), got {embed_dim}')
         if img_size % patch_size: raise ValueError(f'img_size={img_size} is not divisible by patch_size={patch_size}')
-        if not 0 <= patch_dropout < 1: raise ValueError(f'patch_dropout must be in [0, 1), got {patch_dropout}')
         self.modalities = {k: (v if isinstance(v, Modality) else Modality(**v)) for k, v in modalities.items()}
         self.names = list(self.modalities)
         self.patch_size, self.embed_dim, self.img_size = patch_size, embed_dim, img_size
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.use_modality_attention, self.masked_attention = modality_attention, masked_attention
-        self.patch_dropout = patch_dropout
         self.embed = nn.ModuleDict({n: ModalityEmbed(n, m, embed_dim, patch_size, class_embed_dim)
                                     for n, m in self.modalities.items()})
         self.fusion_tokens = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
@@ -118,6 +151,11 @@ class IncompleteMultimodalViT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None: nn.init.zeros_(m.bias)
 
+    @property
+    def num_tokens(self) -> int:
+        "Modality tokens at `img_size`, all modalities together (`M * L`)."
+        return len(self.names) * self.grid[0] * self.grid[1]
+
     def pos_embed(self, grid: tuple[int, int], device) -> torch.Tensor:
         return get_2d_sincos_pos_embed(self.embed_dim, grid).to(device).unsqueeze(0)
 
@@ -128,106 +166,95 @@ class IncompleteMultimodalViT(nn.Module):
         f = f.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
         return F.interpolate(f, size=grid, mode='bicubic', align_corners=False).flatten(2).transpose(1, 2)
 
-# %% ../nbs/api/20_incomplete.ipynb #1a03f40d
-def _visible(self, inputs, present, token_mask, B, L, device) -> dict[str, torch.Tensor]:
-    "Per modality, bool `[B, L]`: the token is in the sequence (modality given, present for the sample, not masked)."
-    vis = {}
-    for n in self.names:
-        if n not in inputs or inputs[n] is None: vis[n] = torch.zeros(B, L, dtype=torch.bool, device=device); continue
-        v = torch.ones(B, L, dtype=torch.bool, device=device)
-        if present is not None and n in present:
-            p = torch.as_tensor(present[n], device=device).bool()
-            v = v & (p.reshape(-1, 1) if p.ndim else p)
-        if token_mask is not None and n in token_mask:
-            tm = token_mask[n].to(device)
-            if tm.shape != (B, L): raise ValueError(f'token_mask[{n!r}] must be [B, L] = {(B, L)}, got {tuple(tm.shape)}')
-            v = v & ~tm.bool()
-        if self.training and self.patch_dropout > 0:
-            drop = round(self.patch_dropout * L)
-            rank = torch.argsort(torch.argsort(torch.rand(B, L, device=device), dim=1), dim=1)
-            v = v & (rank >= drop)
-        vis[n] = v
-    return vis
+    def _visible(self, inputs, present, token_mask, B, L, device) -> dict[str, torch.Tensor]:
+        "Per modality, bool `[B, L]`: the token is in the sequence (modality given, present for the sample, not masked)."
+        pres = _presence(self.names, inputs, present, B, device)
+        vis = {}
+        for n in self.names:
+            v = pres[n].unsqueeze(1).expand(B, L)
+            if token_mask is not None and token_mask.get(n) is not None:
+                tm = token_mask[n].to(device)
+                if tm.shape != (B, L): raise ValueError(f'token_mask[{n!r}] must be [B, L] = {(B, L)}, got {tuple(tm.shape)}')
+                v = v & ~tm.bool()
+            vis[n] = v
+        return vis
 
-IncompleteMultimodalViT._visible = _visible
+    def forward(self, inputs: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None,
+                token_mask: Mapping[str, torch.Tensor] | None = None) -> dict:
+        "Encode; returns `fusion` `[B, L, D]`, the packed modality `tokens` `[B, n, D]` with `group`/`pos`, `visible`, `grid`."
+        given = [n for n in self.names if inputs.get(n) is not None]
+        if not given: raise ValueError(f'no input modality: the model reads {self.names}, the batch has {sorted(map(str, inputs))}')
+        sizes = {n: tuple(inputs[n].shape[-2:]) for n in given}
+        if len(set(sizes.values())) > 1: raise ValueError(f'modalities differ in size: {sizes}')
+        ref = inputs[given[0]]; B, (H, W), device = ref.shape[0], sizes[given[0]], ref.device
+        grid = (H // self.patch_size, W // self.patch_size); L = grid[0] * grid[1]
+        pos = self.pos_embed(grid, device)
+        vis = self._visible(inputs, present, token_mask, B, L, device)
+        any_vis = torch.stack([vis[n].any(1) for n in self.names], 1).any(1)
+        if not bool(any_vis.all()):
+            raise ValueError(f'samples {torch.nonzero(~any_vis).flatten().tolist()} have no present modality token')
+        x = {n: self.embed[n](inputs[n]) + pos if n in given else None for n in self.names}
+        # fusion tokens and modality attention (Eq. 2)
+        f = self.fusion_init(grid).expand(B, -1, -1) + pos
+        if self.modality_attention is not None:
+            z_mask = (self.mask_token + pos).expand(B, -1, -1)
+            mods = torch.stack([torch.where(vis[n].unsqueeze(-1), x[n], z_mask) if x[n] is not None else z_mask
+                                for n in self.names], dim=2).reshape(B * L, len(self.names), -1)
+            q = f.reshape(B * L, 1, -1)
+            for blk in self.modality_attention: q = blk(q, torch.cat([q, mods], dim=1))
+            f = q.reshape(B, L, -1)
+        # the sequence: visible modality tokens (packed) + fusion tokens, masked self-attention (Eq. 3)
+        M = len(self.names)
+        zeros = torch.zeros(B, L, self.embed_dim, device=device, dtype=f.dtype)
+        tokens = torch.cat([x[n] if x[n] is not None else zeros for n in self.names], 1)
+        vis_all = torch.cat([vis[n] for n in self.names], 1)
+        groups = torch.arange(M, device=device).repeat_interleave(L).unsqueeze(0)
+        positions = torch.arange(L, device=device).repeat(M).unsqueeze(0)
+        t, g, p = _pack(tokens, vis_all, groups, positions)
+        n_tok = t.shape[1]
+        seq = torch.cat([t, f], 1)
+        g_all = torch.cat([g, torch.full((B, L), M, device=device, dtype=g.dtype)], 1)
+        key_ok = (g_all >= 0)[:, None, None, :]
+        mask = (modality_block_mask(g_all, full_access_groups=M) & key_ok) if self.masked_attention else key_ok
+        for blk in self.blocks: seq = blk(seq, mask)
+        seq = self.norm(seq)
+        return dict(fusion=seq[:, n_tok:], tokens=seq[:, :n_tok], group=g, pos=p, visible=vis, grid=grid,
+                    attn_mask=mask, sequence_groups=g_all)
 
-# %% ../nbs/api/20_incomplete.ipynb #c16ab828
-def _pack(tokens: torch.Tensor, vis: torch.Tensor, groups: torch.Tensor, pos: torch.Tensor):
-    "Visible tokens first (stable), padded to the batch maximum: tokens, group ids (-1 = pad), positions."
-    order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)
-    n = int(vis.sum(1).max())
-    idx = order[:, :n]
-    valid = torch.gather(vis, 1, idx)
-    x = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    g = torch.where(valid, torch.gather(groups.expand_as(vis), 1, idx), torch.full_like(idx, -1))
-    return x, g, torch.gather(pos.expand_as(vis), 1, idx)
+    def forward_features(self, inputs: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None,
+                         token_mask: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        "The fusion stream as a feature map `[B, D, H/16, W/16]`: the input of the dense (Mask2Former) head."
+        out = self(inputs, present, token_mask)
+        B, L, D = out['fusion'].shape
+        return out['fusion'].transpose(1, 2).reshape(B, D, *out['grid'])
 
-def forward(self, inputs: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None,
-            token_mask: Mapping[str, torch.Tensor] | None = None) -> dict:
-    "Encode; returns `fusion` `[B, L, D]`, the packed modality `tokens` `[B, n, D]` with `group`/`pos`, `visible`, `grid`."
-    given = [n for n in self.names if n in inputs and inputs[n] is not None]
-    unknown = [k for k in (present or {}) if k not in self.names]
-    if unknown: raise ValueError(f'present names {unknown} are not modalities of this model ({self.names})')
-    if not given: raise ValueError(f'no input modality: the model reads {self.names}, the batch has {sorted(map(str, inputs))}')
-    sizes = {n: tuple(inputs[n].shape[-2:]) for n in given}
-    if len(set(sizes.values())) > 1: raise ValueError(f'modalities differ in size: {sizes}')
-    ref = inputs[given[0]]; B, (H, W), device = ref.shape[0], sizes[given[0]], ref.device
-    grid = (H // self.patch_size, W // self.patch_size); L = grid[0] * grid[1]
-    pos = self.pos_embed(grid, device)
-    vis = self._visible(inputs, present, token_mask, B, L, device)
-    any_vis = torch.stack([vis[n].any(1) for n in self.names], 1).any(1)
-    if not bool(any_vis.all()):
-        raise ValueError(f'samples {torch.nonzero(~any_vis).flatten().tolist()} have no present modality token')
-    x = {n: self.embed[n](inputs[n]) + pos if n in given else None for n in self.names}
-    # fusion tokens and modality attention (Eq. 2)
-    f = self.fusion_init(grid).expand(B, -1, -1) + pos
-    if self.modality_attention is not None:
-        z_mask = (self.mask_token + pos).expand(B, -1, -1)
-        mods = torch.stack([torch.where(vis[n].unsqueeze(-1), x[n], z_mask) if x[n] is not None else z_mask
-                            for n in self.names], dim=2).reshape(B * L, len(self.names), -1)
-        q = f.reshape(B * L, 1, -1)
-        for blk in self.modality_attention: q = blk(q, torch.cat([q, mods], dim=1))
-        f = q.reshape(B, L, -1)
-    # the sequence: visible modality tokens (packed) + fusion tokens
-    M = len(self.names)
-    zeros = torch.zeros(B, L, self.embed_dim, device=device, dtype=f.dtype)
-    tokens = torch.cat([x[n] if x[n] is not None else zeros for n in self.names], 1)
-    vis_all = torch.cat([vis[n] for n in self.names], 1)
-    groups = torch.arange(M, device=device).repeat_interleave(L).unsqueeze(0)
-    positions = torch.arange(L, device=device).repeat(M).unsqueeze(0)
-    t, g, p = _pack(tokens, vis_all, groups, positions)
-    n_tok = t.shape[1]
-    seq = torch.cat([t, f], 1)
-    g_all = torch.cat([g, torch.full((B, L), M, device=device, dtype=g.dtype)], 1)
-    key_ok = (g_all >= 0)[:, None, None, :]
-    mask = (modality_block_mask(g_all, full_access_groups=M) & key_ok) if self.masked_attention else key_ok
-    for blk in self.blocks: seq = blk(seq, mask)
-    seq = self.norm(seq)
-    return dict(fusion=seq[:, n_tok:], tokens=seq[:, :n_tok], group=g, pos=p, visible=vis, grid=grid,
-                attn_mask=mask, sequence_groups=g_all)
-
-def forward_features(self, inputs: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
-    "The fusion stream as a feature map `[B, D, H/16, W/16]`: the input of the dense (Mask2Former) head."
-    out = self(inputs, present)
-    B, L, D = out['fusion'].shape
-    return out['fusion'].transpose(1, 2).reshape(B, D, *out['grid'])
-
-def modality_stream(self, out: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    "One modality's output tokens scattered back to their positions: `[B, L, D]` (0 where absent) and the bool `[B, L]`."
-    i = self.names.index(name)
-    B, L, D = out['fusion'].shape
-    sel = out['group'] == i
-    res = torch.zeros(B, L, D, dtype=out['tokens'].dtype, device=out['tokens'].device)
-    b, j = torch.nonzero(sel, as_tuple=True)
-    res[b, out['pos'][b, j]] = out['tokens'][b, j]
-    return res, out['visible'][name]
-
-IncompleteMultimodalViT.forward = forward
-IncompleteMultimodalViT.forward_features = forward_features
-IncompleteMultimodalViT.modality_stream = modality_stream
+    def modality_stream(self, out: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        "One modality's output tokens scattered back to their positions: `[B, L, D]` (0 where absent) and the bool `[B, L]`."
+        i = self.names.index(name)
+        B, L, D = out['fusion'].shape
+        sel = out['group'] == i
+        res = torch.zeros(B, L, D, dtype=out['tokens'].dtype, device=out['tokens'].device)
+        b, j = torch.nonzero(sel, as_tuple=True)
+        res[b, out['pos'][b, j]] = out['tokens'][b, j]
+        return res, out['visible'][name]
 
 # %% ../nbs/api/20_incomplete.ipynb #2bf6b8da
+def dirichlet_token_mask(present: Mapping[str, torch.Tensor], tokens: int, num_visible: int, alpha: float = 1.0,
+                         per_batch: bool = True, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    "A training step's spatial random mask, bool `[B, tokens]` per modality (True = masked): `min(num_visible, present tokens)` visible per sample, split by `Dir(alpha)`."
+    names = list(present)
+    first = torch.as_tensor(present[names[0]])
+    return dirichlet_masking({n: tokens for n in names}, num_visible, len(first), alpha, generator, present,
+                             first.device, per_batch=per_batch, cap=True)
+
+def _num_visible(backbone: IncompleteMultimodalViT, num_visible: int | None, who: str) -> int:
+    "`num_visible`, by default half of all modality tokens (`M * L / 2`), checked against the backbone."
+    nv = backbone.num_tokens // 2 if num_visible is None else int(num_visible)
+    if not 0 < nv <= backbone.num_tokens:
+        raise ValueError(f'{who}: num_visible={nv} must be in (0, {backbone.num_tokens}] (all modality tokens)')
+    return nv
+
+# %% ../nbs/api/20_incomplete.ipynb #0d25528f
 class ModalityDecoder(nn.Module):
     "MultiMAE-style shallow decoder of one modality from the fusion tokens: linear + modality embedding, blocks, linear."
     def __init__(self, modality: Modality, embed_dim: int, patch_size: int = 16, decoder_dim: int = 256,
@@ -247,18 +274,25 @@ class ModalityDecoder(nn.Module):
         for blk in self.blocks: x = blk(x)
         return self.head(self.norm(x))
 
-# %% ../nbs/api/20_incomplete.ipynb #78841025
+def reconstruction_loss(modality: Modality, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                        patch_size: int) -> torch.Tensor:
+    "Eq. 4 for one modality: L2 (image), L1 (height) or cross-entropy (map) over the patches where `mask` is True."
+    if modality.kind == 'map':
+        t = target[:, 0] if target.ndim == 4 else target
+        logits = unpatchify(pred, patch_size, modality.classes, (t.shape[-2] // patch_size, t.shape[-1] // patch_size))
+        return masked_cross_entropy(logits, t.long(), mask)
+    loss = masked_mse if modality.kind == 'image' else masked_l1
+    return loss(pred, patchify(target, patch_size), mask)
+
+# %% ../nbs/api/20_incomplete.ipynb #ec9bf431
 class IncompletePretrain(nn.Module):
     "Reconstruction (+ contrastive) pre-training of `IncompleteMultimodalViT` with Dirichlet multimodal masking."
     def __init__(self, backbone: IncompleteMultimodalViT, num_visible: int | None = None, alpha: float = 1.0,
                  contrastive: bool = False, tau: float = 0.1, decoder_dim: int = 256, decoder_depth: int = 2,
-                 decoder_heads: int = 8, dirichlet_per_batch: bool = False):
+                 decoder_heads: int = 8, dirichlet_per_batch: bool = True):
         super().__init__()
         self.backbone, self.alpha, self.contrastive, self.tau = backbone, alpha, contrastive, tau
-        L = backbone.grid[0] * backbone.grid[1]
-        self.num_visible = num_visible if num_visible is not None else len(backbone.names) * L // 2
-        if not 0 < self.num_visible <= len(backbone.names) * L:
-            raise ValueError(f'num_visible={self.num_visible} must be in (0, {len(backbone.names) * L}]')
+        self.num_visible = _num_visible(backbone, num_visible, 'IncompletePretrain')
         self.dirichlet_per_batch = dirichlet_per_batch
         D, p = backbone.embed_dim, backbone.patch_size
         self.decoders = nn.ModuleDict({n: ModalityDecoder(m, D, p, decoder_dim, decoder_depth, decoder_heads)
@@ -270,132 +304,111 @@ class IncompletePretrain(nn.Module):
             self.pool = CrossAttentionBlock(D, heads)
             nn.init.normal_(self.cls_tokens, std=.02); nn.init.normal_(self.fusion_cls_token, std=.02)
 
-# %% ../nbs/api/20_incomplete.ipynb #0d25528f
-def _token_mask(self, B: int, L: int, present, device, generator=None) -> dict[str, torch.Tensor]:
-    names = self.backbone.names
-    if self.dirichlet_per_batch:
-        pres = None if present is None else {n: torch.as_tensor(present[n]).bool().all() for n in present}
-        m = dirichlet_masking({n: L for n in names}, self.num_visible, 1, self.alpha, generator, pres, device)
-        return {n: v.expand(B, -1) for n, v in m.items()}
-    return dirichlet_masking({n: L for n in names}, self.num_visible, B, self.alpha, generator, present, device)
+    def pooled(self, out: dict) -> torch.Tensor:
+        "The cross-attention pooling: `[B, 2M, D]`, first `z_m` for each modality, then `z_{f_m}` for each modality."
+        names, M = self.backbone.names, len(self.backbone.names)
+        seq = torch.cat([out['tokens'], out['fusion']], 1)
+        B = out['tokens'].shape[0]
+        # keys each query may see: modality m's cls -> m's tokens; fusion cls (for m) -> fusion tokens where m is visible
+        g = out['group']                                                                       # [B, n_tok]
+        own = torch.stack([g == i for i in range(M)], 1)                                       # [B, M, n_tok]
+        vis = torch.stack([out['visible'][n] for n in names], 1)                               # [B, M, L]
+        mask = torch.cat([torch.cat([own, torch.zeros_like(vis)], 2),
+                          torch.cat([torch.zeros_like(own), vis], 2)], 1)                      # [B, 2M, n_tok + L]
+        q = torch.cat([self.cls_tokens.expand(B, -1, -1), self.fusion_cls_token.expand(B, M, -1)], 1)
+        return self.pool(q, seq, mask.unsqueeze(1))
 
-IncompletePretrain._token_mask = _token_mask
+    def contrastive_losses(self, out: dict) -> dict[str, torch.Tensor]:
+        "Eqs. 5-6: InfoNCE between each modality's pooled vector and the pooled fusion tokens at its visible positions."
+        names, M = self.backbone.names, len(self.backbone.names)
+        z = self.pooled(out)
+        vis = torch.stack([out['visible'][n] for n in names], 1)
+        losses = {}
+        for i, n in enumerate(names):
+            ok = vis[:, i].any(1)
+            if int(ok.sum()) >= 2: losses[n] = info_nce(z[ok, i], z[ok, M + i], self.tau)
+        return losses
 
-# %% ../nbs/api/20_incomplete.ipynb #d6ea6f88
-def reconstruction_loss(modality: Modality, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                        patch_size: int) -> torch.Tensor:
-    "Eq. 4 for one modality: L2 (image), L1 (height) or cross-entropy (map) over the patches where `mask` is True."
-    if modality.kind == 'map':
-        t = target[:, 0] if target.ndim == 4 else target
-        logits = unpatchify(pred, patch_size, modality.classes, (t.shape[-2] // patch_size, t.shape[-1] // patch_size))
-        return masked_cross_entropy(logits, t.long(), mask)
-    loss = masked_mse if modality.kind == 'image' else masked_l1
-    return loss(pred, patchify(target, patch_size), mask)
+    def forward(self, batch: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> dict:
+        "Pre-training step on a batch dict: `loss` (Eq. 4, + Eq. 6 when contrastive), per-modality parts, predictions."
+        bb = self.backbone
+        given = [n for n in bb.names if batch.get(n) is not None]
+        if not given: raise ValueError(f'IncompletePretrain: the batch has none of the modalities {bb.names}')
+        x0 = batch[given[0]]; B = x0.shape[0]
+        L = (x0.shape[-2] // bb.patch_size) * (x0.shape[-1] // bb.patch_size)
+        present = _presence(bb.names, batch, present, B, x0.device)
+        token_mask = dirichlet_token_mask(present, L, self.num_visible, self.alpha, self.dirichlet_per_batch, generator)
+        out = bb(batch, present, token_mask)
+        res = {}; total = 0.
+        for n in given:
+            lm = token_mask[n] & present[n].unsqueeze(1)
+            if not bool(lm.any()): continue
+            pred = self.decoders[n](out['fusion'])
+            res[f'loss_{n}'] = reconstruction_loss(bb.modalities[n], pred, batch[n], lm, bb.patch_size)
+            res[f'pred_{n}'] = pred.detach()
+            total = total + res[f'loss_{n}']
+        if self.contrastive:
+            for n, l in self.contrastive_losses(out).items():
+                res[f'loss_c_{n}'] = l; total = total + l
+        res['loss'] = total if torch.is_tensor(total) else out['fusion'].sum() * 0.
+        res['token_mask'] = token_mask
+        return res
 
 # %% ../nbs/api/20_incomplete.ipynb #06dd9d6c
-def pooled(self, out: dict) -> torch.Tensor:
-    "The cross-attention pooling: `[B, 2M, D]`, first `z_m` for each modality, then `z_{f_m}` for each modality."
-    bb = self.backbone; names, M = bb.names, len(bb.names)
-    seq = torch.cat([out['tokens'], out['fusion']], 1)
-    B, n_tok = out['tokens'].shape[:2]; L = out['fusion'].shape[1]
-    # keys each query may see: modality m's cls -> m's tokens; fusion cls (for m) -> fusion tokens where m is visible
-    g = out['group']                                                                       # [B, n_tok]
-    own = torch.stack([g == i for i in range(M)], 1)                                       # [B, M, n_tok]
-    vis = torch.stack([out['visible'][n] for n in names], 1)                               # [B, M, L]
-    mask = torch.cat([torch.cat([own, torch.zeros_like(vis)], 2),
-                      torch.cat([torch.zeros_like(own), vis], 2)], 1)                      # [B, 2M, n_tok + L]
-    q = torch.cat([self.cls_tokens.expand(B, -1, -1), self.fusion_cls_token.expand(B, M, -1)], 1)
-    return self.pool(q, seq, mask.unsqueeze(1))
-
-def _contrastive(self, out: dict) -> dict[str, torch.Tensor]:
-    "Eqs. 5-6: InfoNCE between each modality's pooled vector and the pooled fusion tokens at its visible positions."
-    names, M = self.backbone.names, len(self.backbone.names)
-    z = self.pooled(out)
-    vis = torch.stack([out['visible'][n] for n in names], 1)
-    losses = {}
-    for i, n in enumerate(names):
-        ok = vis[:, i].any(1)
-        if int(ok.sum()) >= 2: losses[n] = info_nce(z[ok, i], z[ok, M + i], self.tau)
-    return losses
-
-def forward(self, batch: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None,
-            generator: torch.Generator | None = None) -> dict:
-    "Pre-training step on a batch dict: `loss` (Eq. 4, + Eq. 6 when contrastive), per-modality parts, predictions."
-    bb = self.backbone
-    given = [n for n in bb.names if n in batch]
-    if not given: raise ValueError(f'IncompletePretrain: the batch has none of the modalities {bb.names}')
-    x0 = batch[given[0]]; B = x0.shape[0]
-    grid = (x0.shape[-2] // bb.patch_size, x0.shape[-1] // bb.patch_size); L = grid[0] * grid[1]
-    present = dict(present) if present is not None else dict(batch.get('present', {}) or {})
-    for n in bb.names:
-        if n not in batch: present[n] = torch.zeros(B, dtype=torch.bool)
-    present = {n: torch.as_tensor(present.get(n, True)).bool().expand(B) for n in bb.names}
-    token_mask = self._token_mask(B, L, present, x0.device, generator)
-    out = bb(batch, present, token_mask)
-    res = {}; total = 0.
-    for n in given:
-        m = bb.modalities[n]
-        pred = self.decoders[n](out['fusion'])
-        lm = token_mask[n] & present[n].to(x0.device).unsqueeze(1)
-        if not bool(lm.any()): continue
-        res[f'loss_{n}'] = reconstruction_loss(m, pred, batch[n], lm, bb.patch_size)
-        res[f'pred_{n}'] = pred.detach()
-        total = total + res[f'loss_{n}']
-    if self.contrastive:
-        for n, l in self._contrastive(out).items():
-            res[f'loss_c_{n}'] = l; total = total + l
-    res['loss'] = total if torch.is_tensor(total) else out['fusion'].sum() * 0.
-    res['token_mask'] = token_mask
-    return res
-
-IncompletePretrain.pooled = pooled
-IncompletePretrain._contrastive = _contrastive
-IncompletePretrain.forward = forward
-
-# %% ../nbs/api/20_incomplete.ipynb #77f0d4bd
-from .mask2former import Mask2FormerHead, count_parameters, semantic_targets
-from .masking import random_modality_subsets
-
 TASKS = ('instance', 'semantic', 'lulc')
 
-def collate_multimodal(samples: Sequence[Mapping]) -> dict:
-    "Batch sample dicts: tensors of one shape are stacked; `instances`, ids and anything ragged stay lists."
-    out = {}
-    for k in samples[0]:
-        vals = [s[k] for s in samples]
-        if k != 'instances' and all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
-            out[k] = torch.stack(vals)
-        else: out[k] = vals
-    return out
-
 class IncompleteSegmenter(nn.Module):
-    "`IncompleteMultimodalViT` + Mask2Former head; random modality combinations in training (`random_modalities`)."
+    "`IncompleteMultimodalViT` + Mask2Former head, trained with random modality combinations and the Dirichlet spatial mask."
     def __init__(self, backbone: IncompleteMultimodalViT, head: Mask2FormerHead, task: str = 'semantic',
-                 random_modalities: bool = True, combination: str = 'step', ignore_index: int = 255):
+                 random_modalities: bool = True, combination: str = 'step', spatial_mask: bool = True,
+                 num_visible: int | None = None, alpha: float = 1.0, dirichlet_per_batch: bool = True,
+                 ignore_index: int = 255):
         super().__init__()
         if task not in TASKS: raise ValueError(f'IncompleteSegmenter: task={task!r}; use one of {TASKS}')
         if combination not in ('step', 'sample'):
             raise ValueError(f"IncompleteSegmenter: combination={combination!r}; use 'step' or 'sample'")
         self.backbone, self.head, self.task = backbone, head, task
         self.random_modalities, self.combination, self.ignore_index = random_modalities, combination, ignore_index
+        self.spatial_mask, self.alpha, self.dirichlet_per_batch = spatial_mask, alpha, dirichlet_per_batch
+        self.num_visible = _num_visible(backbone, num_visible, 'IncompleteSegmenter')
 
-    def _present(self, batch, present):
-        given = [n for n in self.backbone.names if n in batch]
+    def _present(self, batch: Mapping, present: Mapping | None = None, generator: torch.Generator | None = None):
+        "`present` as given; in training with `random_modalities` and none given, a uniform non-empty subset per step/sample."
         if present is not None or not (self.training and self.random_modalities): return present
-        B = batch[given[0]].shape[0]
-        pick = random_modality_subsets(given, B if self.combination == 'sample' else 1)
-        return {n: pick[n].expand(B).to(batch[given[0]].device) for n in given}
+        given = [n for n in self.backbone.names if batch.get(n) is not None]
+        x0 = batch[given[0]]; B = x0.shape[0]
+        pick = random_modality_subsets(given, B if self.combination == 'sample' else 1, generator)
+        return {n: pick[n].expand(B).to(x0.device) for n in given}
 
-    def targets(self, batch) -> list[dict]:
+    def token_mask(self, batch: Mapping, present: Mapping | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | None:
+        "In training with `spatial_mask`: the Dirichlet spatial mask over each sample's present modalities; else None."
+        if not (self.training and self.spatial_mask): return None
+        bb = self.backbone
+        given = [n for n in bb.names if batch.get(n) is not None]
+        if not given: raise ValueError(f'IncompleteSegmenter: the batch has none of the modalities {bb.names}')
+        x0 = batch[given[0]]
+        L = (x0.shape[-2] // bb.patch_size) * (x0.shape[-1] // bb.patch_size)
+        pres = _presence(bb.names, batch, present, x0.shape[0], x0.device)
+        return dirichlet_token_mask(pres, L, self.num_visible, self.alpha, self.dirichlet_per_batch, generator)
+
+    def targets(self, batch: Mapping) -> list[dict]:
+        "The head's targets: the batch's `instances`, or its label map `mask` (pixels = `ignore_index` in no mask)."
         if self.task == 'instance':
             if 'instances' not in batch: raise KeyError("IncompleteSegmenter(task='instance'): the batch has no 'instances'")
             return [{'masks': t['masks'], 'labels': t['labels']} for t in batch['instances']]
         if 'mask' not in batch: raise KeyError(f"IncompleteSegmenter(task={self.task!r}): the batch has no 'mask'")
         return semantic_targets(batch['mask'], self.head.num_classes, self.ignore_index)
 
-    def forward(self, batch: Mapping, present: Mapping[str, torch.Tensor] | None = None) -> dict:
-        "Head outputs; when the batch has the task's targets, also `loss` and its parts."
-        out = self.head(self.backbone.forward_features(batch, self._present(batch, present)))
+    def forward(self, batch: Mapping, present: Mapping[str, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> dict:
+        "Head outputs (and in training the drawn `present`/`token_mask`); with the task's targets in the batch, `loss` and its parts."
+        present = self._present(batch, present, generator)
+        token_mask = self.token_mask(batch, present, generator)
+        out = self.head(self.backbone.forward_features(batch, present, token_mask))
+        if present is not None: out['present'] = present
+        if token_mask is not None: out['token_mask'] = token_mask
         if ('instances' if self.task == 'instance' else 'mask') in batch:
             out.update(self.head.loss(out, self.targets(batch)))
         return out
@@ -405,16 +418,16 @@ class IncompleteSegmenter(nn.Module):
         "Semantic/LULC: class map `[B, H, W]`; instance: per image dict of `masks`, `scores`, `labels`."
         was = self.training; self.eval()
         try:
-            given = [n for n in self.backbone.names if n in batch]
+            given = [n for n in self.backbone.names if batch.get(n) is not None]
             size = tuple(batch[given[0]].shape[-2:])
             out = self.head(self.backbone.forward_features(batch, present))
             if self.task == 'instance': return self.head.predict_instances(out, size)
             return self.head.predict_semantic(out, size).argmax(1)
         finally: self.train(was)
 
+# %% ../nbs/api/20_incomplete.ipynb #77f0d4bd
 def load_pretrained_backbone(backbone: IncompleteMultimodalViT, path, strict: bool = True) -> str:
     "Load the `backbone.*` weights of an `IncompletePretrain` checkpoint (or a bare backbone state dict); returns a report."
-    from rsrepro.core import DataFormatError
     sd = torch.load(path, map_location='cpu', weights_only=True)
     sd = sd.get('model', sd)
     sub = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')} or sd

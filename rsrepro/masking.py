@@ -165,8 +165,9 @@ def random_modality_subsets(modalities: Iterable[str], batch_size: int,
 def dirichlet_masking(tokens_per_modality: Mapping[str, int], num_visible: int, batch_size: int,
                       alpha: float | Mapping[str, float] = 1.0, generator: torch.Generator | None = None,
                       present: Iterable[str] | Mapping[str, torch.Tensor] | None = None,
-                      device: str | torch.device = 'cpu') -> dict[str, torch.Tensor]:
-    "MultiMAE masking: per sample split `num_visible` over modalities by `Dir(alpha)`; dict `name -> bool[B, L_m]`, True = masked."
+                      device: str | torch.device = 'cpu', per_batch: bool = False, cap: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    "MultiMAE masking: split `num_visible` over modalities by `Dir(alpha)` (per sample or per batch); dict `name -> bool[B, L_m]`, True = masked."
     names = list(tokens_per_modality)
     if not names: raise ValueError('dirichlet_masking: tokens_per_modality is empty')
     caps = np.array([int(tokens_per_modality[n]) for n in names], dtype=np.int64)
@@ -191,20 +192,25 @@ def dirichlet_masking(tokens_per_modality: Mapping[str, int], num_visible: int, 
         if unknown: raise ValueError(f'dirichlet_masking: present names {sorted(unknown)} are not in tokens_per_modality {names}')
         pres = np.broadcast_to(np.array([n in present for n in names]), (batch_size, len(names)))
     capacity = (pres * caps).sum(1)
-    if num_visible < 0 or (num_visible > capacity).any():
+    if num_visible < 0: raise ValueError(f'dirichlet_masking: num_visible={num_visible} is negative')
+    if not cap and (num_visible > capacity).any():
         raise ValueError(f'dirichlet_masking: num_visible={num_visible} exceeds the tokens of the present modalities '
-                         f'(min {int(capacity.min())}) or is negative')
+                         f'(min {int(capacity.min())}); cap=True shows all their tokens instead')
     if num_visible > 0 and not pres.any(1).all():
         raise ValueError('dirichlet_masking: a sample has no present modality')
-    # Dirichlet proportions per sample over its present modalities
+    visible = np.minimum(num_visible, capacity)                  # per sample; == num_visible unless capped
+    # Dirichlet proportions over each sample's present modalities: drawn per sample, or once for the batch and
+    # restricted to the sample's present modalities (a renormalised restriction of Dir(alpha) is Dir(alpha_present))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     rng = np.random.default_rng(seed)
+    lam_batch = rng.dirichlet(alphas) if per_batch and len(names) > 1 else np.ones(len(names))
     counts = np.zeros((batch_size, len(names)), dtype=np.int64)
     for b in range(batch_size):
         idx = np.flatnonzero(pres[b])
         if len(idx) == 0: continue
-        lam = rng.dirichlet(alphas[idx]) if len(idx) > 1 else np.ones(1)
-        counts[b, idx] = _apportion(lam, num_visible, caps[idx])
+        if per_batch: lam = lam_batch[idx]
+        else: lam = rng.dirichlet(alphas[idx]) if len(idx) > 1 else np.ones(1)
+        counts[b, idx] = _apportion(lam, int(visible[b]), caps[idx])
     # within each modality: a uniform random choice of counts[b, m] visible tokens
     out = {}
     for i, n in enumerate(names):

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from rsrepro.core import create_model
 from rsrepro.incomplete import (DFC2023_MODALITIES, QUADRUPLET_MODALITIES, IncompleteMultimodalViT, IncompletePretrain,
-                                Modality, count_parameters, modality_combinations, reconstruction_loss)
+                                IncompleteSegmenter, Modality, count_parameters, dirichlet_token_mask,
+                                incomplete_vit_tiny_patch16, modality_combinations, reconstruction_loss)
+from rsrepro.mask2former import Mask2FormerHead
 from rsrepro.masking import patchify
 
 SIZE = 32   # 2x2 patches of 16
@@ -52,8 +54,8 @@ def test_isolation_with_masked_attention_and_its_failure_without(mods):
                 assert any(not torch.allclose(s0[n], s1[n], atol=1e-4) for n in others), 'MultiViT streams mix'
 
 
-def test_isolation_holds_under_token_masks_and_patch_dropout_off_in_eval():
-    model = small(patch_dropout=0.5)          # eval(): no PatchDropout, so two calls agree
+def test_isolation_holds_under_token_masks():
+    model = small()
     b = batch(); tm = {n: torch.rand(3, 4, generator=torch.Generator().manual_seed(i)) < 0.5 for i, n in enumerate(model.names)}
     s0, _ = streams(model, b, token_mask=tm); s1, _ = streams(model, perturb(b, 'sar'), token_mask=tm)
     assert torch.allclose(s0['rgb'], s1['rgb'], atol=1e-6) and torch.allclose(s0['dsm'], s1['dsm'], atol=1e-6)
@@ -115,7 +117,7 @@ def test_every_modality_subset_at_inference(mods, n):
 def test_pretrain_dirichlet_counts_are_exact_per_sample():
     model = small(QUADRUPLET_MODALITIES)
     L = 4
-    pre = IncompletePretrain(model, num_visible=7, decoder_dim=16, decoder_heads=2)
+    pre = IncompletePretrain(model, num_visible=7, decoder_dim=16, decoder_heads=2, dirichlet_per_batch=False)
     torch.manual_seed(3)
     res = pre(batch(QUADRUPLET_MODALITIES, B=6))
     vis = torch.stack([~res['token_mask'][n] for n in model.names], 1)       # [B, M, L]
@@ -127,16 +129,17 @@ def test_pretrain_dirichlet_counts_are_exact_per_sample():
     assert (~res['token_mask']['dnw']).sum() == 0 and (~res['token_mask']['s1'][[1, 4]]).sum() == 0
     assert sum((~res['token_mask'][n]).sum(1) for n in model.names).tolist() == [7] * 6
     assert 'loss_dnw' not in res
-    # the official code's variant: one split for the whole batch
+    # the default (the authors' code's variant): one split for the whole batch
     pre.dirichlet_per_batch = True
     res = pre(batch(QUADRUPLET_MODALITIES, B=6))
     counts = torch.stack([(~res['token_mask'][n]).sum(1) for n in model.names], 1)
     assert (counts == counts[0]).all() and counts[0].sum() == 7
+    assert IncompletePretrain(model).dirichlet_per_batch and IncompletePretrain(model).num_visible == 8   # 4 x 4 / 2
 
 
 def test_pretrain_losses_cover_masked_tokens_only_and_train():
     model = small(QUADRUPLET_MODALITIES); model.train()
-    pre = IncompletePretrain(model, contrastive=True, decoder_dim=16, decoder_heads=2)
+    pre = IncompletePretrain(model, contrastive=True, decoder_dim=16, decoder_heads=2, dirichlet_per_batch=False)
     b = batch(QUADRUPLET_MODALITIES, B=4)
     res = pre(b)
     assert {'loss_s1', 'loss_s2', 'loss_dem', 'loss_dnw'} <= set(res)
@@ -182,7 +185,7 @@ def test_contrastive_pooling_sees_only_its_keys():
     assert not torch.allclose(z[:, M + 1], z2[:, M + 1])      # z_{f_rgb} sees all four
     assert torch.allclose(z[:, :M], z2[:, :M])                 # modality vectors never see fusion tokens
     assert not torch.allclose(z[:, 1], z3[:, 1]) and torch.allclose(z[:, 0], z3[:, 0]) and torch.allclose(z[:, M:], z3[:, M:])
-    with torch.no_grad(): losses = pre._contrastive(out)
+    with torch.no_grad(): losses = pre.contrastive_losses(out)
     assert set(losses) == {'sar', 'rgb'}                       # dsm has no visible token: left out
 
 
@@ -205,3 +208,110 @@ def test_registered_models_and_sizes():
     assert mv.modality_attention is None and not mv.masked_attention and bb.masked_attention
     # ViT-T body (~5.5 M) + 3 patch projections + modality attention block + fusion tokens
     assert 5.5e6 < count_parameters(bb) < 6.5e6 and count_parameters(mv) < count_parameters(bb)
+
+
+# ---------------------------------------------------------------- visible tokens: half of all tokens
+def test_default_visible_tokens_are_half_of_all_tokens_on_both_datasets():
+    "§IV-B5: 'the number of nonmasked tokens ... half of all tokens on the two datasets' (256 px, 16-px patches)."
+    for mods, half in ((DFC2023_MODALITIES, 384), (QUADRUPLET_MODALITIES, 512)):
+        bb = incomplete_vit_tiny_patch16(modalities=mods)
+        assert bb.num_tokens == len(mods) * 256
+        assert IncompletePretrain(bb, decoder_dim=16, decoder_heads=2).num_visible == half
+        head = Mask2FormerHead(in_channels=192, num_classes=2, num_queries=2, task='semantic', hidden_dim=32)
+        assert IncompleteSegmenter(bb, head).num_visible == half
+    with pytest.raises(ValueError, match='num_visible'):
+        IncompletePretrain(small(), num_visible=13)                 # more than the 12 modality tokens
+
+
+# ---------------------------------------------------------------- supervised: random combination + Dirichlet mask
+def segmenter(mods=DFC2023_MODALITIES, size=SIZE, **kw):
+    torch.manual_seed(0)
+    bb = IncompleteMultimodalViT(mods, img_size=size, embed_dim=32, depth=1, num_heads=2)
+    head = Mask2FormerHead(in_channels=32, num_classes=2, num_queries=2, task='semantic', hidden_dim=32,
+                           dim_feedforward=64, encoder_feedforward_dim=64, train_num_points=256)
+    return IncompleteSegmenter(bb, head, task='semantic', **kw).train()
+
+
+def visible_counts(tm, names):
+    return torch.stack([(~tm[n]).sum(1) for n in names], 1)          # [B, M]
+
+
+@pytest.mark.parametrize('mods', [DFC2023_MODALITIES, QUADRUPLET_MODALITIES], ids=['dfc2023', 'quadruplets'])
+@pytest.mark.parametrize('per_batch', [True, False])
+def test_supervised_visible_count_is_min_of_half_and_present_tokens(mods, per_batch):
+    seg = segmenter(mods, size=128, combination='sample', dirichlet_per_batch=per_batch)   # L = 64 per modality
+    names, L = seg.backbone.names, 64
+    half = len(names) * L // 2
+    b = batch(mods, B=64, size=128)
+    g = torch.Generator().manual_seed(0)
+    present = seg._present(b, None, g)
+    tm = seg.token_mask(b, present, g)
+    k = torch.stack([present[n] for n in names], 1).sum(1)
+    assert len(set(map(tuple, torch.stack([present[n] for n in names], 1).tolist()))) == 2 ** len(names) - 1
+    assert visible_counts(tm, names).sum(1).tolist() == torch.clamp(k * L, max=half).tolist()
+    for n in names: assert tm[n][~present[n]].all(), f'absent {n} got a visible token'
+
+
+def test_supervised_shares_are_dirichlet_with_mean_one_over_k():
+    seg = segmenter(size=128, combination='sample', dirichlet_per_batch=False)
+    names, L = seg.backbone.names, 64
+    b = batch(B=3000, size=128)
+    g = torch.Generator().manual_seed(1)
+    present = seg._present(b, None, g)
+    v = visible_counts(seg.token_mask(b, present, g), names).float()
+    share = v / v.sum(1, keepdim=True)
+    pres = torch.stack([present[n] for n in names], 1)
+    for subset in set(map(tuple, pres.tolist())):
+        rows = (pres == torch.tensor(subset)).all(1)
+        k = sum(subset); s = share[rows][:, torch.tensor(subset)]
+        assert rows.sum() > 300
+        assert (s.mean(0) - 1 / k).abs().max() < 0.03, (subset, s.mean(0))
+        if k > 1: assert s.std(0).min() > 0.08, (subset, s.std(0))   # Dirichlet proportions, not a fixed split
+    # per batch: one split for all samples of a step, varying between steps, mean 1/3 with all three present
+    seg = segmenter(size=128, random_modalities=False)
+    assert seg.dirichlet_per_batch
+    splits = []
+    for step in range(300):
+        v = visible_counts(seg.token_mask(batch(B=6, size=128), None, torch.Generator().manual_seed(step)), names)
+        assert (v == v[0]).all() and v[0].sum() == 96
+        splits.append(v[0].float() / 96)
+    s = torch.stack(splits)
+    assert (s.mean(0) - 1 / 3).abs().max() < 0.04 and s.std(0).min() > 0.1
+
+
+def test_training_step_feeds_the_mask_to_the_backbone_and_eval_masks_nothing():
+    seg = segmenter(QUADRUPLET_MODALITIES, size=64)                  # L = 16, half = 32
+    names = seg.backbone.names
+    seen = {}
+    seg.backbone.register_forward_hook(lambda mod, args, out: seen.update(vis=out['visible']))
+    b = dict(batch(QUADRUPLET_MODALITIES, B=4, size=64), mask=torch.randint(0, 2, (4, 64, 64)))
+    combos = set()
+    for step in range(12):
+        out = seg(b, generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(out['loss'])
+        for n in names:
+            assert torch.equal(seen['vis'][n], out['present'][n][:, None] & ~out['token_mask'][n])
+        k = sum(out['present'][n].long() for n in names)
+        assert (k == k[0]).all()                                     # combination='step': one subset per step
+        assert sum(seen['vis'][n].sum(1) for n in names).tolist() == torch.clamp(k * 16, max=32).tolist()
+        combos.add(tuple(bool(out['present'][n][0]) for n in names))
+    assert len(combos) > 3
+    seg.eval()
+    out = seg(b)
+    assert 'token_mask' not in out and 'present' not in out
+    assert all(seen['vis'][n].all() for n in names)                   # every token of every given modality
+    out = seg(b, present={'s1': torch.tensor([True, False, True, True])})
+    assert seen['vis']['s1'].sum(1).tolist() == [16, 0, 16, 16] and seen['vis']['s2'].all()
+    # switches: no subset draw, no mask
+    seg = segmenter(QUADRUPLET_MODALITIES, size=64, random_modalities=False, spatial_mask=False)
+    seg.backbone.register_forward_hook(lambda mod, args, out: seen.update(vis=out['visible']))
+    out = seg(b)
+    assert 'token_mask' not in out and all(seen['vis'][n].all() for n in names)
+
+
+def test_dirichlet_token_mask_bad_input():
+    with pytest.raises(ValueError, match='no present modality'):
+        dirichlet_token_mask({'a': torch.tensor([True, False]), 'b': torch.tensor([False, False])}, 4, 4)
+    seg = segmenter()
+    with pytest.raises(ValueError, match=r"present\['rgb'\]"):
+        seg.token_mask(batch(B=3), {'rgb': torch.tensor([True, False])})

@@ -262,6 +262,50 @@ def test_semantic_targets_ignore():
     assert semantic_targets(torch.full((1, 2, 2), 255), 3)[0]['masks'].shape == (0, 2, 2)
 
 
+
+def test_semantic_targets_equal_hf_image_processor_with_an_ignored_region():
+    "The reference tool: HF's Mask2FormerImageProcessor(ignore_index=255) on the same label maps."
+    from transformers import Mask2FormerImageProcessor
+    g = torch.Generator().manual_seed(0)
+    lab = torch.randint(0, 3, (3, 32, 32), generator=g)
+    lab[0, 4:20, 8:30] = 255                         # an ignored block
+    lab[1] = torch.where(torch.rand(32, 32, generator=g) < 0.3, 255, lab[1])   # scattered ignored pixels
+    lab[2] = 255; lab[2, :5, :5] = 1                 # mostly ignored, one class present
+    proc = Mask2FormerImageProcessor(do_resize=False, do_rescale=False, do_normalize=False, ignore_index=255)
+    hf = proc(images=[torch.zeros(3, 32, 32)] * 3, segmentation_maps=list(lab.to(torch.uint8)),
+              input_data_format='channels_first')
+    ours = semantic_targets(lab, num_classes=3, ignore_index=255)
+    for o, m, c, l in zip(ours, hf['mask_labels'], hf['class_labels'], lab):
+        assert torch.equal(o['masks'].float(), m) and torch.equal(o['labels'], c)
+        assert not o['masks'][:, l == 255].any()      # an ignored pixel is in no target mask
+    # without an ignore index HF would keep 255 as a class; we refuse it (no 256-class head exists)
+    assert 255 in proc(images=[torch.zeros(3, 32, 32)], segmentation_maps=[lab[0].to(torch.uint8)],
+                       input_data_format='channels_first', ignore_index=None)['class_labels'][0]
+    with pytest.raises(ValueError, match='outside'):
+        semantic_targets(lab, num_classes=3, ignore_index=None)
+
+
+def test_loss_and_miou_with_an_ignored_region():
+    from rsrepro.metrics import SegmentationMeter
+    torch.manual_seed(0)
+    head = tiny(in_channels=32, num_classes=3, num_queries=4, task='semantic')
+    x = torch.randn(2, 32, 4, 4, requires_grad=True)
+    lab = torch.zeros(2, 64, 64, dtype=torch.long); lab[:, :, 32:] = 1; lab[1, 40:, :20] = 2
+    lab[:, :16] = 255                                # the top quarter ignored
+    losses = head.loss(head(x), semantic_targets(lab, 3))
+    assert torch.isfinite(losses['loss']) and all(torch.isfinite(v) for v in losses.values())
+    losses['loss'].backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # mIoU leaves the ignored pixels out: any prediction there changes nothing
+    target = lab[1:]
+    good = torch.where(target == 255, 0, target)
+    m_good = SegmentationMeter(3, ignore_index=255).update(good, target).compute()['miou']
+    bad = good.clone(); bad[0, :16] = 2              # wrong class everywhere in the ignored quarter
+    m_bad = SegmentationMeter(3, ignore_index=255).update(bad, target).compute()['miou']
+    assert m_good == pytest.approx(1.0) and m_bad == pytest.approx(1.0)
+    m_counted = SegmentationMeter(3, ignore_index=None).update(bad, torch.where(target == 255, 0, target)).compute()['miou']
+    assert m_counted < 0.9                           # the same error outside an ignored region does count
+
 def test_count_parameters():
     a = Mask2FormerHead(num_classes=1, num_queries=100)
     b = Mask2FormerHead(num_classes=2, num_queries=2, task='semantic')

@@ -152,3 +152,36 @@ def test_dirichlet_reproducible_and_alpha_effect():
     # large alpha concentrates the split near 50/50
     ms = dirichlet_masking(L, 100, 100, alpha=1000.0, generator=torch.Generator().manual_seed(0))
     assert ((~ms['a']).sum(1) - 50).abs().max() <= 8
+
+
+def test_dirichlet_cap_gives_min_of_num_visible_and_present_tokens():
+    L = {'a': 16, 'b': 16, 'c': 16}
+    pres = {'a': torch.tensor([True, True, True, False]), 'b': torch.tensor([True, True, False, False]),
+            'c': torch.tensor([True, False, False, True])}
+    ms = dirichlet_masking(L, 24, 4, present=pres, cap=True, generator=torch.Generator().manual_seed(0))
+    assert _visible(ms, L).sum(1).tolist() == [24, 24, 16, 16]      # min(24, 16 * present modalities)
+    for n in L: assert ms[n][~pres[n]].all()
+    with pytest.raises(ValueError, match='cap=True'):                # without cap it is an error, as before
+        dirichlet_masking(L, 24, 4, present=pres)
+
+
+def test_dirichlet_per_batch_one_split_per_batch():
+    L = {'a': 64, 'b': 64, 'c': 64}
+    splits = []
+    for seed in range(40):
+        ms = dirichlet_masking(L, 96, 8, per_batch=True, generator=torch.Generator().manual_seed(seed))
+        v = _visible(ms, L)
+        assert (v == v[0]).all() and v[0].sum() == 96                 # identical counts within the batch
+        allm = torch.cat([ms[n] for n in L], 1)
+        assert not (allm == allm[0]).all()                             # positions differ per sample
+        splits.append(v[0])
+    s = torch.stack(splits).float() / 96
+    assert s.std(0).min() > 0.1 and (s.mean(0) - 1 / 3).abs().max() < 0.1   # Dir(1,1,1) across batches
+    # per-sample presence: the batch's lambda restricted to each sample's modalities, renormalised
+    pres = {'a': torch.tensor([True, True, True]), 'b': torch.tensor([True, True, False]), 'c': torch.tensor([True, False, False])}
+    ms = dirichlet_masking(L, 48, 3, present=pres, per_batch=True, alpha=1.0, generator=torch.Generator().manual_seed(3))
+    v = _visible(ms, L).float()
+    assert v.sum(1).tolist() == [48, 48, 48] and v[2].tolist() == [48, 0, 0]
+    lam = v[0] / 48                                                   # sample 0 sees all three
+    want = lam[:2] / lam[:2].sum() * 48                               # sample 1: a, b only
+    assert (v[1, :2] - want).abs().max() <= 1.0
