@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['AP_METHODS', 'IMIM_AP_METHOD', 'average_precision', 'box_iou', 'mask_iou', 'match_detections', 'detection_ap',
-           'confusion_matrix', 'segmentation_scores', 'SegmentationMeter', 'mask_ap50', 'multilabel_map',
-           'topk_accuracy', 'precision_recall_f1']
+__all__ = ['AP_METHODS', 'IMIM_AP_METHOD', 'MATCHING_RULES', 'average_precision', 'box_iou', 'mask_iou', 'match_detections',
+           'detection_ap', 'confusion_matrix', 'segmentation_scores', 'SegmentationMeter', 'mask_ap50',
+           'multilabel_map', 'topk_accuracy', 'precision_recall_f1']
 
 # %% ../nbs/api/13_metrics.ipynb #de7187d2
-AP_METHODS = ('all_points', 'voc07_11pt', 'coco_101', 'ultralytics', 'ultralytics_legacy')
-IMIM_AP_METHOD = 'ultralytics'  # imim: YOLOv5 validation (assumption, see the prose above)
+AP_METHODS = ('all_points', 'voc07_11pt', 'coco_101', 'yolov5_v5.0', 'yolov5_v7.0', 'ultralytics_8.4')
+IMIM_AP_METHOD = 'yolov5_v5.0'  # imim: YOLOv5 v5.0's validation (assumption, see the prose above)
 
 def _envelope(p: np.ndarray) -> np.ndarray:
     "`max_{j >= i} p[j]` for every `i` (non-increasing precision envelope)."
@@ -38,8 +38,9 @@ def average_precision(recall, precision, method: str = 'all_points') -> float:
     if method == 'coco_101':
         q = _envelope(p); idx = np.searchsorted(r, np.linspace(0, 1, 101), side='left')
         return float(np.mean(np.where(idx < len(q), q[np.minimum(idx, len(q) - 1)], 0.)))
-    end = 1. if method == 'ultralytics' else r[-1] + 0.01
-    mrec = np.concatenate(([0.], r, [end])); mpre = _envelope(np.concatenate(([1.], p, [0.])))
+    tail = {'yolov5_v5.0': ([r[-1] + 0.01], [0.]), 'yolov5_v7.0': ([1.], [0.]),   # the end sentinels (R, p_R) -> ...
+            'ultralytics_8.4': ([r[-1], 1.], [0., 0.])}[method]
+    mrec = np.concatenate(([0.], r, tail[0])); mpre = _envelope(np.concatenate(([1.], p, tail[1])))
     x = np.linspace(0, 1, 101); y = np.interp(x, mrec, mpre)
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))  # trapezoid rule (np.trapz/np.trapezoid)
 
@@ -63,14 +64,17 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
 
 # %% ../nbs/api/13_metrics.ipynb #a5383031
+MATCHING_RULES = ('score', 'iou', 'score_unclaimed')
+
 def match_detections(iou: torch.Tensor, scores: torch.Tensor, iou_thr: float = 0.5,
                      gt_ignore: torch.Tensor | None = None, matching: str = 'score') -> np.ndarray:
     "Per prediction `1` (TP), `0` (FP) or `-1` (matched a difficult/ignored ground truth), for one image and class."
+    if matching not in MATCHING_RULES: raise ValueError(f'matching={matching!r}: expected one of {MATCHING_RULES}')
     iou = torch.as_tensor(iou, dtype=torch.float64).cpu().numpy(); P, G = iou.shape
     out = np.zeros(P, dtype=np.int64)
     if P == 0 or G == 0: return out
     ign = np.zeros(G, bool) if gt_ignore is None else torch.as_tensor(gt_ignore).bool().cpu().numpy()
-    if matching == 'score':
+    if matching == 'score':                             # VOC, YOLOv5 v5.0 test.py
         taken = np.zeros(G, bool)
         for i in np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable'):
             j = int(np.argmax(iou[i]))
@@ -78,16 +82,22 @@ def match_detections(iou: torch.Tensor, scores: torch.Tensor, iou_thr: float = 0
             if ign[j]: out[i] = -1                      # difficult: neither TP nor FP
             elif not taken[j]: out[i] = 1; taken[j] = True
         return out
-    if matching == 'iou':
-        if ign.any(): raise ValueError("matching='iou' (YOLOv5) has no difficult/ignore ground truths; use matching='score'")
-        m = np.argwhere(iou >= iou_thr)                 # [pairs, (pred, gt)]
+    if ign.any(): raise ValueError(f"matching={matching!r} has no difficult/ignore ground truths; use matching='score'")
+    order = np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable')   # NMS output order
+    iou = iou[order]
+    if matching == 'iou':                               # YOLOv5 7.0 process_batch
+        m = np.argwhere(iou >= iou_thr)                 # [pairs, (prediction rank, gt)]
         if len(m) > 1:
-            m = m[iou[m[:, 0], m[:, 1]].argsort()[::-1]]
-            m = m[np.unique(m[:, 1], return_index=True)[1]]
-            m = m[np.unique(m[:, 0], return_index=True)[1]]
-        out[m[:, 0]] = 1
+            m = m[iou[m[:, 0], m[:, 1]].argsort()[::-1]]          # highest IoU first
+            m = m[np.unique(m[:, 0], return_index=True)[1]]       # each prediction: its best pair (now by rank)
+            m = m[np.unique(m[:, 1], return_index=True)[1]]       # each ground truth: its first pair in that order
+        out[order[m[:, 0]]] = 1
         return out
-    raise ValueError(f"matching={matching!r}: expected 'score' (VOC) or 'iou' (YOLOv5)")
+    claimed = np.zeros(G, bool)                         # ultralytics 8.4 match_predictions
+    for k in range(P):
+        avail = np.where(claimed, 0., iou[k]); j = int(avail.argmax())
+        if avail[j] >= iou_thr: out[order[k]] = 1; claimed[j] = True
+    return out
 
 def _get(d: dict, key: str, where: str, default=None):
     if key in d: return d[key]
@@ -99,6 +109,7 @@ def detection_ap(preds: Sequence[dict], gts: Sequence[dict], iou_thr: float = 0.
     "Per-class AP and mAP over images: `preds[i]` has `boxes, labels, scores`; `gts[i]` has `boxes, labels` (+ `difficult`/`ignore`)."
     if len(preds) != len(gts): raise ValueError(f'preds has {len(preds)} images but gts has {len(gts)}')
     if method not in AP_METHODS: raise ValueError(f'method={method!r}: expected one of {AP_METHODS}')
+    if matching not in MATCHING_RULES: raise ValueError(f'matching={matching!r}: expected one of {MATCHING_RULES}')
     recs, classes = {}, set()   # class -> list of (score, flag); npos per class
     npos, npred = {}, {}
     for n, (pd, gt) in enumerate(zip(preds, gts)):

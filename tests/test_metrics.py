@@ -1,12 +1,13 @@
 "Hand-computed checks of rsrepro.metrics: detection AP, segmentation scores, mask AP@50, multi-label mAP, P/R/F1."
 import math, random
 
+import numpy as np
 import pytest
 import torch
 
-from rsrepro.metrics import (AP_METHODS, SegmentationMeter, average_precision, box_iou, confusion_matrix,
-                             detection_ap, mask_ap50, match_detections, multilabel_map, precision_recall_f1,
-                             segmentation_scores, topk_accuracy)
+from rsrepro.metrics import (AP_METHODS, IMIM_AP_METHOD, MATCHING_RULES, SegmentationMeter, average_precision, box_iou,
+                             confusion_matrix, detection_ap, mask_ap50, match_detections, multilabel_map,
+                             precision_recall_f1, segmentation_scores, topk_accuracy)
 
 
 def B(*boxes):
@@ -29,26 +30,42 @@ def test_ap_methods_by_hand():
     assert average_precision(r, p, 'all_points') == pytest.approx(.5 * 1 + .5 * 2 / 3)       # 0.8333
     assert average_precision(r, p, 'voc07_11pt') == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)  # t=0..0.5 -> 1; 0.6..1 -> 2/3
     assert average_precision(r, p, 'coco_101') == pytest.approx((51 * 1 + 50 * 2 / 3) / 101)  # 0.8350
-    # ultralytics: 1 on [0,.49], 2/3 on [.5,.99], 0 at 1 (sentinel), trapezoids
-    assert average_precision(r, p, 'ultralytics') == pytest.approx(.49 + .01 * (1 + 2 / 3) / 2 + .49 * 2 / 3 + .01 * (2 / 3) / 2)
+    # YOLOv5 7.0 / ultralytics 8.4 (recall reaches 1): 1 on [0,.49], 2/3 on [.5,.99], 0 at 1 (sentinel), trapezoids
+    for m in ('yolov5_v7.0', 'ultralytics_8.4'):
+        assert average_precision(r, p, m) == pytest.approx(.49 + .01 * (1 + 2 / 3) / 2 + .49 * 2 / 3 + .01 * (2 / 3) / 2)
+    # YOLOv5 v5.0: sentinel at 1.01, so 2/3 holds up to recall 1 inclusive
+    assert average_precision(r, p, 'yolov5_v5.0') == pytest.approx(.49 + .01 * (1 + 2 / 3) / 2 + .5 * 2 / 3)
 
 
 def test_ap_partial_recall():
-    # one TP out of 2 objects: all-points 0.5; coco: levels 0..0.5 = 51 of 101; ultralytics: 0.5 + triangle 0.25
+    # one TP out of 2 objects: all-points 0.5; coco: levels 0..0.5 = 51 of 101
     assert average_precision([.5], [1.]) == pytest.approx(.5)
     assert average_precision([.5], [1.], 'coco_101') == pytest.approx(51 / 101)
     assert average_precision([.5], [1.], 'voc07_11pt') == pytest.approx(6 / 11)
-    assert average_precision([.5], [1.], 'ultralytics') == pytest.approx(.75)
-    assert average_precision([.5], [1.], 'ultralytics_legacy') == pytest.approx(.505)
+    # the three YOLO end rules after the last point (0.5, 1):
+    assert average_precision([.5], [1.], 'yolov5_v5.0') == pytest.approx(.505)      # fall to (0.51, 0): + 0.01 / 2
+    assert average_precision([.5], [1.], 'yolov5_v7.0') == pytest.approx(.75)       # fall to (1, 0): + triangle 0.25
+    assert average_precision([.5], [1.], 'ultralytics_8.4') == pytest.approx(.495)  # 0 from 0.5 on: 0.49 + 0.01 / 2
+    # recall 1/3, precision 1 (the sentinel 1/3 + 0.01 is off the 0.01 grid): v5.0 samples 1/3 at x = 0.34
+    assert average_precision([1 / 3], [1.], 'yolov5_v5.0') == pytest.approx(.33 + .01 * (1 + 1 / 3) / 2 + .01 * (1 / 3) / 2)
+    # the lead's example, (0.1, 1), (0.2, 1): 0.205 / 0.6 / 0.195
+    assert [average_precision([.1, .2], [1., 1.], m) for m in ('yolov5_v5.0', 'yolov5_v7.0', 'ultralytics_8.4')] == \
+        pytest.approx([.205, .6, .195])
 
 
 def test_ap_perfect_and_errors():
     for m in ('all_points', 'voc07_11pt', 'coco_101'):
         assert average_precision([.5, 1.], [1., 1.], m) == pytest.approx(1.0)
-    assert average_precision([.5, 1.], [1., 1.], 'ultralytics') == pytest.approx(.995)  # ultralytics' known 0.995
+    for m in ('yolov5_v7.0', 'ultralytics_8.4'):
+        assert average_precision([.5, 1.], [1., 1.], m) == pytest.approx(.995)   # the known YOLO 0.995
+    assert average_precision([.5, 1.], [1., 1.], 'yolov5_v5.0') == pytest.approx(1.0)
+    assert IMIM_AP_METHOD == 'yolov5_v5.0' and IMIM_AP_METHOD in AP_METHODS
     assert average_precision([], [], 'coco_101') == 0.0
     with pytest.raises(ValueError, match='method'):
         average_precision([1.], [1.], 'voc')
+    for old in ('ultralytics', 'ultralytics_legacy'):          # the former, misleading names are gone
+        with pytest.raises(ValueError, match='method'):
+            average_precision([1.], [1.], old)
     with pytest.raises(ValueError, match='points'):
         average_precision([1., 1.], [1.])
 
@@ -104,18 +121,39 @@ def test_duplicate_detection_is_fp():
     assert flags.tolist() == [0, 1]
 
 
-def test_iou_matching_differs_from_score_matching():
-    # GT A=[0,0,10,10]. p0 (score .9) overlaps A with IoU 0.5625 ([0,0,10,10] vs [0,0,7.5,10]); p1 (.8) is exact.
-    # VOC (score order): p0 takes A -> p0 TP, p1 FP. YOLOv5 (IoU order): p1 takes A -> p1 TP, p0 FP.
-    iou = box_iou(B([0, 0, 7.5, 10], [0, 0, 10, 10]), B([0, 0, 10, 10]))
-    assert iou[0, 0].item() == pytest.approx(.75)
+def test_matching_rules_by_hand():
+    # objects L0, L1; D0 (.9) overlaps L0 0.6; D1 (.8) overlaps L0 0.9 and L1 0.8.
+    # VOC / YOLOv5 v5.0 ('score') and YOLOv5 7.0 ('iou'): D0 takes L0; D1's best (L0) is taken -> FP.
+    # ultralytics 8.4 ('score_unclaimed'): D1 takes the free L1.
+    iou = torch.tensor([[.6, 0.], [.9, .8]])
     s = torch.tensor([.9, .8])
     assert match_detections(iou, s, matching='score').tolist() == [1, 0]
-    assert match_detections(iou, s, matching='iou').tolist() == [0, 1]
+    assert match_detections(iou, s, matching='iou').tolist() == [1, 0]
+    assert match_detections(iou, s, matching='score_unclaimed').tolist() == [1, 1]
+    # one object, two predictions: the higher score takes it even when the other overlaps more (all three rules)
+    iou1 = box_iou(B([0, 0, 7.5, 10], [0, 0, 10, 10]), B([0, 0, 10, 10]))
+    assert iou1[0, 0].item() == pytest.approx(.75)
+    for m in MATCHING_RULES:
+        assert match_detections(iou1, s, matching=m).tolist() == [1, 0], m
+        assert match_detections(iou1, s.flip(0), matching=m).tolist() == [0, 1], m
     with pytest.raises(ValueError, match='matching'):
         match_detections(iou, s, matching='hungarian')
+    with pytest.raises(ValueError, match='matching'):
+        detection_ap([], [], matching='hungarian')
     with pytest.raises(ValueError, match='difficult'):
-        match_detections(iou, s, gt_ignore=torch.tensor([True]), matching='iou')
+        match_detections(iou1, s, gt_ignore=torch.tensor([True]), matching='iou')
+
+
+def test_iou_matching_equals_score_matching_without_ties():
+    # YOLOv5 7.0's process_batch is VOC's greedy rule in another form (see the notebook): same flags on random data
+    g = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        P, G = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        iou = torch.rand(P, G, generator=g) * (torch.rand(P, G, generator=g) < .6)
+        s = torch.rand(P, generator=g)
+        for thr in (.3, .5):
+            assert match_detections(iou, s, thr, matching='iou').tolist() == \
+                match_detections(iou, s, thr, matching='score').tolist()
 
 
 def test_detection_invariances():
@@ -141,7 +179,8 @@ def test_detection_invariances():
     perfect = [dict(boxes=t['boxes'], labels=t['labels'], scores=torch.ones(len(t['labels']))) for t in gts]
     assert detection_ap(perfect, gts, method='all_points')['map'] == pytest.approx(1.0)
     assert detection_ap(perfect, gts, method='coco_101')['map'] == pytest.approx(1.0)
-    assert detection_ap(perfect, gts, method='ultralytics', matching='iou')['map'] == pytest.approx(.995)
+    assert detection_ap(perfect, gts, method='yolov5_v7.0', matching='iou')['map'] == pytest.approx(.995)
+    assert detection_ap(perfect, gts, method='yolov5_v5.0')['map'] == pytest.approx(1.0)
     # adding a low-score FP after all TPs does not change all-points AP
     extra = [dict(boxes=torch.cat([p['boxes'], B([500, 500, 510, 510])]), labels=torch.cat([p['labels'], torch.tensor([0])]),
                   scores=torch.cat([p['scores'], torch.tensor([-1.])])) for p in preds]
@@ -150,6 +189,105 @@ def test_detection_invariances():
     hi = [dict(boxes=torch.cat([p['boxes'], B([500, 500, 510, 510])]), labels=torch.cat([p['labels'], torch.tensor([0])]),
                scores=torch.cat([p['scores'], torch.tensor([2.])])) for p in preds]
     assert detection_ap(hi, gts, num_classes=3)['ap'][0] < base['ap'][0]
+
+
+# ---------------------------------------------------------------- against the YOLO codes themselves
+@pytest.fixture(scope='module')
+def yolo_refs():
+    "compute_ap / ap_per_class / the matching of the yolov5 7.0 package and of the installed ultralytics 8.4."
+    from types import SimpleNamespace
+    mp = pytest.MonkeyPatch()
+    if not hasattr(np, 'trapz'):                         # yolov5 7.0 calls np.trapz, which numpy 2.4 renamed trapezoid
+        mp.setattr(np, 'trapz', np.trapezoid, raising=False)
+    from rsrepro.detector import yolov5_offline
+    yolov5_offline()                                     # ultralytics offline first, then yolov5 (which imports it)
+    import ultralytics.utils.metrics as ulm
+    import yolov5.utils.metrics as y5m
+    from ultralytics.engine.validator import BaseValidator
+    from yolov5.val import process_batch
+    yield SimpleNamespace(y5m=y5m, ulm=ulm, process_batch=process_batch, match_predictions=BaseValidator.match_predictions)
+    mp.undo()
+
+
+def random_curve(rng):
+    "Cumulative recall / precision of a random ranking: n predictions, each TP with some probability, npos objects."
+    n = int(rng.integers(1, 40)); tp = rng.random(n) < rng.random()
+    npos = int(tp.sum() + rng.integers(0 if tp.any() else 1, 6))
+    c = np.cumsum(tp)
+    return c / npos, c / np.arange(1, n + 1)
+
+
+def test_ap_formulas_equal_the_yolo_codes(yolo_refs):
+    rng = np.random.default_rng(0)
+    curves = [random_curve(rng) for _ in range(500)] + [(np.array([.5, 1.]), np.array([1., 1.])),
+                                                         (np.zeros(3), np.zeros(3)), (np.array([1.]), np.array([.5]))]
+    differ = 0
+    for r, p in curves:
+        assert average_precision(r, p, 'yolov5_v7.0') == pytest.approx(yolo_refs.y5m.compute_ap(r, p)[0], abs=1e-12)
+        assert average_precision(r, p, 'ultralytics_8.4') == pytest.approx(yolo_refs.ulm.compute_ap(r, p)[0], abs=1e-12)
+        differ += abs(average_precision(r, p, 'yolov5_v5.0') - average_precision(r, p, 'yolov5_v7.0')) > 1e-3
+    assert differ > 250                                 # v5.0's formula is another one (tested by hand above)
+
+
+def random_detections(seed, n_img=10, nc=4):
+    "Images with objects and NMS-like predictions (jittered hits, some of the wrong class, some false alarms)."
+    g = torch.Generator().manual_seed(seed)
+    preds, gts = [], []
+    for _ in range(n_img):
+        m = int(torch.randint(0, 7, (1,), generator=g))
+        xy = torch.rand(m, 2, generator=g) * 200
+        gb = torch.cat([xy, xy + 10 + torch.rand(m, 2, generator=g) * 30], 1)
+        gl = torch.randint(0, nc, (m,), generator=g)
+        hits = gb.repeat(2, 1) + torch.randn(2 * m, 4, generator=g) * 4
+        hl = torch.where(torch.rand(2 * m, generator=g) < .8, gl.repeat(2), torch.randint(0, nc, (2 * m,), generator=g))
+        k = int(torch.randint(0, 4, (1,), generator=g)); fxy = torch.rand(k, 2, generator=g) * 200
+        pb = torch.cat([hits, torch.cat([fxy, fxy + 15], 1)]); pl = torch.cat([hl, torch.randint(0, nc, (k,), generator=g)])
+        ps = torch.rand(len(pb), generator=g)
+        o = ps.argsort(descending=True)                  # as NMS returns them
+        preds.append(dict(boxes=pb[o].float(), labels=pl[o], scores=ps[o].float()))
+        gts.append(dict(boxes=gb.float(), labels=gl))
+    return preds, gts
+
+
+@pytest.mark.parametrize('seed', [1, 2, 3])
+def test_detection_ap_equals_yolov5_val(yolo_refs, seed):
+    "detection_ap(matching='iou', method='yolov5_v7.0') is YOLOv5 7.0's val.py: process_batch, then ap_per_class."
+    preds, gts = random_detections(seed)
+    iouv = torch.tensor([0.5])
+    stats = []
+    for pr, gt in zip(preds, gts):
+        det = torch.cat([pr['boxes'], pr['scores'][:, None], pr['labels'][:, None].float()], 1)
+        lab = torch.cat([gt['labels'][:, None].float(), gt['boxes']], 1)
+        correct = yolo_refs.process_batch(det, lab, iouv) if len(lab) else torch.zeros(len(det), 1, dtype=torch.bool)
+        stats.append((correct, pr['scores'], pr['labels'].float(), gt['labels'].float()))
+    tp, conf, pcls, tcls = (torch.cat(x, 0).numpy() for x in zip(*stats))
+    out = yolo_refs.y5m.ap_per_class(tp, conf, pcls, tcls, names={c: str(c) for c in range(4)})
+    ref = dict(zip(out[-1].tolist(), out[5][:, 0].tolist()))
+    assert len(ref) >= 3
+    ours = detection_ap(preds, gts, num_classes=4, matching='iou', method='yolov5_v7.0')
+    for c, v in ref.items(): assert ours['ap'][c] == pytest.approx(v, abs=1e-9), c
+    assert ours['map'] == pytest.approx(np.mean(list(ref.values())), abs=1e-9)
+    assert {c for c in range(4) if not math.isnan(ours['ap'][c])} == set(ref)
+    # the same detections in imim's convention (v5.0: VOC matching, v5.0 formula) score differently
+    assert detection_ap(preds, gts, num_classes=4, method=IMIM_AP_METHOD)['map'] != pytest.approx(ours['map'], abs=1e-3)
+
+
+@pytest.mark.parametrize('seed', [1, 2])
+def test_detection_ap_equals_ultralytics_val(yolo_refs, seed):
+    "detection_ap(matching='score_unclaimed', method='ultralytics_8.4') is ultralytics 8.4's DetectionValidator."
+    from types import SimpleNamespace
+    preds, gts = random_detections(seed)
+    stub = SimpleNamespace(iouv=torch.tensor([0.5]))
+    stats = []
+    for pr, gt in zip(preds, gts):
+        iou = yolo_refs.ulm.box_iou(gt['boxes'], pr['boxes'])
+        correct = yolo_refs.match_predictions(stub, pr['labels'], gt['labels'], iou)
+        stats.append((correct, pr['scores'], pr['labels'].float(), gt['labels'].float()))
+    tp, conf, pcls, tcls = (torch.cat(x, 0).numpy() for x in zip(*stats))
+    out = yolo_refs.ulm.ap_per_class(tp, conf, pcls, tcls, names={c: str(c) for c in range(4)})
+    ref = dict(zip(out[6].tolist(), out[5][:, 0].tolist()))
+    ours = detection_ap(preds, gts, num_classes=4, matching='score_unclaimed', method='ultralytics_8.4')
+    for c, v in ref.items(): assert ours['ap'][c] == pytest.approx(v, abs=1e-9), c
 
 
 def test_detection_input_errors():
