@@ -34,10 +34,24 @@ ASSUMPTIONS: dict[str, str] = {
     'masked-token queries': 'a learned query embedding plus 2-D sin-cos position at each masked stage-4 token '
                             '(the Swin encoder sees mask tokens, so its features at masked positions carry no '
                             'image content; see nbs/api/15_imim)',
-    'token mask': "a stage-4 token (32x32 px) counts as masked if any of its 4x4 patches is ('any'); with 32-px masks "
-                  'this is exact',
+    'token mask': 'a stage-4 token (32x32 px) is a masked token (query) if any of its pixels is masked and an unmasked '
+                  'token (key/value) if any is visible; with 32/64-px masks the two sets partition the grid, with 16-px '
+                  'masks partly masked tokens are in both, so every image has queries and keys (the partition rule '
+                  'leaves about 19% of 256-px images without a key at 16 px)',
     'loss': 'L2 over all pixels (Eq. 2 as written), not only the masked ones',
-    'decoder': "SimMIM's: one 1x1 conv to 32*32*C values and a pixel shuffle",
+    'lr and weight decay placement': "the paper's AdamW, lr 1e-5, weight decay 0.005 is read as the fine-tuning recipe of "
+                                     'the Swin detector (the sentence follows the downstream setup); pre-training uses the '
+                                     'recipe above. Fine-tuning uses ultralytics\' parameter groups: decay on conv and '
+                                     'linear weights only (none on norms, biases), one lr for the whole detector (no '
+                                     'layer decay, nothing frozen)',
+    'pre-training vs fine-tuning size': 'pre-training sees 256-px random-resized crops (67-100% of the source area), '
+                                        'fine-tuning the 512-px VEDAI images: the encoder meets objects at about '
+                                        '0.5-0.8x their fine-tuning scale in pre-training (DIOR and AVIID images are '
+                                        '800 and 480-512 px)',
+    'decoder': 'a light MAE-style decoder, the same for the three schemes: linear to 256, 2-D sin-cos position, 2 '
+               'Transformer blocks (8 heads), LayerNorm, linear to 32*32*C values per stage-4 token; the paper does not '
+               "describe its decoder. With SimMIM's per-token 1x1 decoder, Q unmasked would reconstruct the masked "
+               'pixels exactly as conventional MIM does',
     'MAE rows of Table II': 'conventional MIM with the same Swin encoder and decoder (SimMIM-style: Swin cannot drop '
                             'tokens as MAE does)',
     'detector': "ultralytics' YOLOv5 neck and anchor-free Detect head (YOLOv5u) at scale s on Swin-T stages 2-4 "

@@ -13,16 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import Block, CrossAttentionBlock, modality_block_mask
-from .core import MODELS, DataFormatError
+from .core import MODELS
 from .losses import info_nce, masked_cross_entropy, masked_l1, masked_mse
 from .mask2former import Mask2FormerHead, count_parameters, semantic_targets
 from .masking import dirichlet_masking, get_2d_sincos_pos_embed, patchify, random_modality_subsets, unpatchify
 
 # %% auto #0
-__all__ = ['DFC2023_MODALITIES', 'QUADRUPLET_MODALITIES', 'TASKS', 'Modality', 'modality_combinations', 'collate_multimodal',
-           'ModalityEmbed', 'IncompleteMultimodalViT', 'dirichlet_token_mask', 'ModalityDecoder', 'reconstruction_loss',
-           'IncompletePretrain', 'IncompleteSegmenter', 'load_pretrained_backbone', 'incomplete_vit_tiny_patch16',
-           'multivit_tiny_patch16']
+__all__ = ['DFC2023_MODALITIES', 'QUADRUPLET_MODALITIES', 'TASKS', 'Modality', 'modality_combinations', 'ModalityEmbed',
+           'IncompleteMultimodalViT', 'dirichlet_token_mask', 'ModalityDecoder', 'reconstruction_loss',
+           'IncompletePretrain', 'IncompleteSegmenter', 'incomplete_vit_tiny_patch16', 'multivit_tiny_patch16']
 
 # %% ../nbs/api/20_incomplete.ipynb #3b9c1a00
 @dataclass(frozen=True)
@@ -46,17 +45,6 @@ def modality_combinations(names: Sequence[str]) -> list[tuple[str, ...]]:
     "Every non-empty subset of `names`, largest first, in the order of the paper's tables (7 for 3 modalities, 15 for 4)."
     names = list(names)
     return [c for r in range(len(names), 0, -1) for c in itertools.combinations(names, r)]
-
-# %% ../nbs/api/20_incomplete.ipynb #73c23e55
-def collate_multimodal(samples: Sequence[Mapping]) -> dict:
-    "Batch sample dicts: tensors of one shape are stacked; `instances`, ids and anything ragged stay lists."
-    out = {}
-    for k in samples[0]:
-        vals = [s[k] for s in samples]
-        if k != 'instances' and all(torch.is_tensor(v) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
-            out[k] = torch.stack(vals)
-        else: out[k] = vals
-    return out
 
 # %% ../nbs/api/20_incomplete.ipynb #a9574ab3
 class ModalityEmbed(nn.Module):
@@ -424,22 +412,6 @@ class IncompleteSegmenter(nn.Module):
             if self.task == 'instance': return self.head.predict_instances(out, size)
             return self.head.predict_semantic(out, size).argmax(1)
         finally: self.train(was)
-
-# %% ../nbs/api/20_incomplete.ipynb #77f0d4bd
-def load_pretrained_backbone(backbone: IncompleteMultimodalViT, path, strict: bool = True) -> str:
-    "Load the `backbone.*` weights of an `IncompletePretrain` checkpoint (or a bare backbone state dict); returns a report."
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    sd = sd.get('model', sd)
-    sub = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')} or sd
-    own = backbone.state_dict()
-    bad = [f'{k}: {tuple(v.shape)} in the file vs {tuple(own[k].shape)}' for k, v in sub.items()
-           if k in own and v.shape != own[k].shape]
-    if bad: raise DataFormatError(f'{path}: backbone tensors do not fit: ' + '; '.join(bad[:5]))
-    missing = [k for k in own if k not in sub]
-    if strict and missing: raise DataFormatError(f'{path}: the checkpoint lacks {len(missing)} backbone tensors, e.g. {missing[:3]}')
-    backbone.load_state_dict({k: v for k, v in sub.items() if k in own}, strict=False)
-    unused = len([k for k in sd if not k.startswith('backbone.')])
-    return f'loaded {len(own) - len(missing)}/{len(own)} backbone tensors from {path}; not used: {unused} (decoders, pooling)'
 
 # %% ../nbs/api/20_incomplete.ipynb #dfb78ffa
 @MODELS.register('incomplete_vit_tiny_patch16')

@@ -12,19 +12,22 @@ from typing import Sequence
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from .data import collate_multimodal
 from .incomplete import (DFC2023_MODALITIES, QUADRUPLET_MODALITIES, IncompletePretrain, IncompleteSegmenter,
-                                collate_multimodal, count_parameters, incomplete_vit_tiny_patch16,
-                                load_pretrained_backbone, modality_combinations, multivit_tiny_patch16)
-from .mask2former import Mask2FormerHead
+                                incomplete_vit_tiny_patch16, modality_combinations, multivit_tiny_patch16)
+from .io import load_weights
+from .mask2former import Mask2FormerHead, count_parameters
 from .metrics import SegmentationMeter, mask_ap50
 from .multimodal_data import DFC2023Track2, Quadruplets
-from .protocol import Experiment, Profile, register_profiles
+from .core import RsreproError
+from .protocol import Experiment, Profile, loss_drop, register_profiles
 from .standins import smoke_dfc2023_root, smoke_quadruplet_root
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['ASSUMPTIONS', 'DATA', 'TASKS_OF', 'CLASSES', 'QUERIES', 'PARADIGMS', 'PROFILES', 'LABELS', 'Pretrain', 'Finetune',
-           'IncompleteProfile', 'build_segmenter', 'IncompleteExperiment', 'combo_label', 'score', 'plot_combinations']
+__all__ = ['ASSUMPTIONS', 'DATA', 'TASKS_OF', 'CLASSES', 'QUERIES', 'PARADIGMS', 'PROFILES', 'LEARNING', 'LABELS', 'Pretrain',
+           'Finetune', 'IncompleteProfile', 'build_segmenter', 'LearningCheck', 'IncompleteExperiment', 'combo_label',
+           'score', 'plot_combinations']
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #6da5a1e3
 ASSUMPTIONS: dict[str, str] = {
@@ -33,16 +36,18 @@ ASSUMPTIONS: dict[str, str] = {
     'mask token': 'one learned token for every absent modality, with the position embedding of the place it fills',
     'fusion tokens': 'one learned token per patch position plus the 2-D sin-cos embedding (the paper: "the same '
                      'number of tokens of full input patches"); never masked, since the decoders read them',
-    'visible tokens': 'half of all modality tokens in pre-training (§IV: "set to half of all tokens on the two datasets"): '
-                      '384 of 768 on DFC2023 (3 modalities x 256 tokens at 256 px, 16-px patches) and 512 of 1,024 on the '
-                      'quadruplets. §III-E also counts the fusion tokens in "all tokens" (512 = 1/2 of fusion + 4 '
-                      'modalities), which does not add up (5 x 256 / 2 = 640); we read it as half of the modality tokens, '
-                      'the fusion tokens never being masked',
+    'visible tokens': 'half of all modality tokens (M x L / 2), in pre-training and in supervised training (§IV: "set '
+                      'to half of all tokens on the two datasets"): 384 of 768 on DFC2023 (3 modalities x 256 tokens at '
+                      '256 px, 16-px patches) and 512 of 1,024 on the quadruplets. §III-E also counts the fusion tokens in '
+                      '"all tokens" (512 = 1/2 of fusion + 4 modalities), which does not add up (5 x 256 / 2 = 640); we '
+                      'read it as half of the modality tokens, the fusion tokens never being masked nor counted',
     'pre-training data': 'train + validation images, without labels: the paper pre-trains on 6,667 DFC2023 and 6,123 '
                          'quadruplet samples, which are exactly train + validation (5,332 + 1,335; 5,340 + 783)',
     'pre-training modalities': 'all modalities in every step; the Dirichlet masking makes the combination at each '
-                               'position random (§III-F). One Dirichlet draw per sample (the paper), not per batch '
-                               '(the official code; available as dirichlet_per_batch=True)',
+                               'position random (§III-F)',
+    'Dirichlet draw': 'one draw of the per-modality proportions per batch, as the authors\' code does '
+                      '(dirichlet_per_batch=True); MultiMAE draws per sample (False). The paper does not say. Which '
+                      'positions are visible inside each modality is drawn per sample either way',
     'pre-training schedule': 'linear warm-up for 40 epochs then cosine decay to 0, AdamW betas (0.9, 0.95) (MAE)',
     'normalisation': "the authors' code's per-modality standardisation (rsrepro.multimodal_data.dfc2023_normalize, "
                      'quadruplet_normalize); the paper gives none',
@@ -64,9 +69,17 @@ ASSUMPTIONS: dict[str, str] = {
     'random modality combination': 'one subset per training step (the paper: "at each iteration"), uniform over the '
                                    "non-empty subsets of the modalities; IncompleteSegmenter(combination='sample') "
                                    'draws per sample instead',
-    'PatchDropout': 'drops 25% of each present modality\'s tokens in supervised training (the paper gives no rate)',
+    'supervised token mask': "§III-F's PatchDropout and §IV-B5's Dirichlet 'spatial random mask' read as one "
+                             'mechanism: in supervised training the drawn modalities show min(M x L / 2, k x L) tokens '
+                             '(k present), split among them by Dir(1); no other tokens are dropped (the paper gives no '
+                             'rate). A single DFC2023 modality is therefore never masked',
+    'ignored pixels': "pixels labelled 255 belong to no target mask, as in Hugging Face's Mask2FormerImageProcessor("
+                      'ignore_index=255) (checked equal in nbs/api/19_mask2former); its loss has no pixel weight, so they '
+                      'count as background of every matched mask, as in the original Mask2Former; mIoU leaves them out',
     'MultiViT': 'the same ViT-T and fusion tokens with ordinary self-attention, no modality attention, trained with '
-                'all modalities present (no random combination): the paper says it overfits the dominant modality',
+                'all modalities present and no spatial mask (no random combination): the paper says it overfits the '
+                'dominant modality. "w/o Random" likewise drops both the modality draw and the spatial mask, which the '
+                'paper presents together as its random-combination strategy (§IV-B5)',
     'ablations': 'supervised training on both datasets. "w/ all" is its own training run of the Sup. Proposed setting, '
                  'seeded with seed + 1 so that it is an independent repetition: the paper\'s "w/ all" values differ '
                  'slightly from its Sup. Proposed ones (e.g. S1, S2, DNW 0.281 vs 0.280), so they were separate runs',
@@ -101,12 +114,12 @@ class Pretrain:
     def key(self) -> str: return f"{self.data}_{'gc' if self.contrastive else 'g'}"
 
 PARADIGMS = {   # label -> (arch, pre-training (None / 'g' / 'gc'), switches)
-    'Sup. MultiViT': ('multivit', None, dict(random_modalities=False)),
+    'Sup. MultiViT': ('multivit', None, dict(random_modalities=False, spatial_mask=False)),
     'Sup. Proposed': ('proposed', None, {}),
     'Fine. w/ G.': ('proposed', 'g', {}),
     'Fine. w/ G. & C.': ('proposed', 'gc', {}),
     'w/o Mask': ('proposed', None, dict(masked_attention=False)),
-    'w/o Random': ('proposed', None, dict(random_modalities=False)),
+    'w/o Random': ('proposed', None, dict(random_modalities=False, spatial_mask=False)),
     'w/o Attention': ('proposed', None, dict(modality_attention=False)),
     'w/ all': ('proposed', None, dict(seed_offset=1)),     # Sup. Proposed's setting, trained again: its own run
 }
@@ -160,15 +173,48 @@ def _profiles() -> dict[str, IncompleteProfile]:
 PROFILES = register_profiles('incomplete', _profiles())
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #7ba4ee37
-def build_segmenter(f: Finetune, img_size: int = 256, hidden_dim: int = 256) -> IncompleteSegmenter:
+def build_segmenter(f: Finetune, img_size: int = 256, hidden_dim: int = 256, **head_kw) -> IncompleteSegmenter:
     "The backbone of `f`'s paradigm under a Mask2Former head for `f.task` (randomly initialised)."
     arch, _, sw = PARADIGMS[f.paradigm]
     kw = {k: v for k, v in sw.items() if k in ('masked_attention', 'modality_attention')}
     factory = multivit_tiny_patch16 if arch == 'multivit' else incomplete_vit_tiny_patch16
     bb = factory(modalities=DATA[f.data], img_size=img_size, **kw)
     head = Mask2FormerHead(in_channels=bb.embed_dim, num_classes=CLASSES[f.task], num_queries=QUERIES[f.task],
-                           task='instance' if f.task == 'instance' else 'semantic', hidden_dim=hidden_dim)
-    return IncompleteSegmenter(bb, head, task=f.task, random_modalities=sw.get('random_modalities', True))
+                           task='instance' if f.task == 'instance' else 'semantic', hidden_dim=hidden_dim, **head_kw)
+    return IncompleteSegmenter(bb, head, task=f.task, random_modalities=sw.get('random_modalities', True),
+                               spatial_mask=sw.get('spatial_mask', True))
+
+# %% ../nbs/api/21_incomplete_protocol.ipynb #1cc699f3
+@dataclass(frozen=True)
+class LearningCheck:
+    "The 'does it learn?' settings: short CPU runs on the DFC2023 stand-in at the smoke profile's size."
+    pretrain_samples: int = 4
+    pretrain_steps: tuple[tuple[str, int], ...] = (('g', 15), ('gc', 25))
+    pretrain_lr: float = 1e-3
+    overfit_steps: int = 60
+    overfit_lr: float = 2e-3
+    overfit_hidden_dim: int = 32
+    overfit_points: int = 1024           # Mask2Former's sampled points (the paper's 12,544 at 256 px)
+    eval_every: int = 10
+    min_loss_drop: float = 50.0          # % of the starting loss
+    min_miou: float = 50.0               # %
+    min_building_iou: float = 50.0       # %
+
+    def thresholds(self) -> dict[str, float]:
+        "Row of the learning records -> the least value that passes (percent)."
+        return {'pretrain loss drop': self.min_loss_drop, 'overfit mIoU': self.min_miou,
+                'overfit building IoU': self.min_building_iou}
+
+LEARNING = LearningCheck()
+
+def _check_experiment(ex: 'IncompleteExperiment'):
+    if ex.profile.require_full_data:
+        raise RsreproError("the learning check runs on the smoke stand-in: build it with IncompleteExperiment('smoke', ...)")
+
+# %% ../nbs/api/21_incomplete_protocol.ipynb #7b911a32
+def _ious(pred: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    m = SegmentationMeter(CLASSES['semantic'], ignore_index=255).update(pred[None], mask[None]).compute()
+    return {'miou': 100.0 * m['miou'], 'building_iou': 100.0 * float(m['per_class_iou'][1])}
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #0192cd2c
 class IncompleteExperiment(Experiment):
@@ -207,7 +253,7 @@ class IncompleteExperiment(Experiment):
         ck = self.pretrain(f.pretrain) if f.pretrain and not self.finished(run) else None
         def build():
             model = self.build(f)
-            if ck is not None: print(f'{f.key}: {load_pretrained_backbone(model.backbone, ck)}')
+            if ck is not None: print(f"{f.key}: {load_weights(model.backbone, ck, prefix='backbone.', strict=False)}")
             return model
         groups = [{'prefix': 'backbone.', 'lr_mult': 0.1, 'name': 'backbone'}] if f.pretrain else None
         return self.train(build, ds, self.profile.finetune[f.data], run, asdict(f), collate_fn=collate_multimodal,
@@ -252,6 +298,48 @@ class IncompleteExperiment(Experiment):
             return {'scores': scores, 'samples': len(samples), 'seconds': time.perf_counter() - t0,
                     'source': self.data_source()}
         return self.cached(run/'eval.json', compute, after=run/'done.json')['scores']
+
+    # ---- does it learn? (learning_check.ipynb) ----
+    def check_pretrain(self, contrastive: bool, c: LearningCheck = LEARNING) -> dict:
+        "Pre-train `G.` (or `G. & C.`) for a few steps on a few tiles; the losses and their drop."
+        _check_experiment(self)
+        ds = Subset(self.dataset('dfc2023', 'train'), range(c.pretrain_samples))
+        steps = dict(c.pretrain_steps)['gc' if contrastive else 'g']
+        cfg = TrainConfig(max_steps=steps, batch_size=c.pretrain_samples, lr=c.pretrain_lr, weight_decay=0.05,
+                          betas=(0.9, 0.95), warmup_steps=0, schedule='constant', log_every=1, amp='none')
+        build = lambda: IncompletePretrain(incomplete_vit_tiny_patch16(modalities=DATA['dfc2023'],
+                                                                       img_size=self.profile.img_size),
+                                           contrastive=contrastive)
+        run = self.root/'check'/f"pretrain_{'gc' if contrastive else 'g'}"
+        self.train(build, ds, cfg, run, {'check': 'pretrain', 'contrastive': contrastive}, collate_fn=collate_multimodal)
+        losses = [r['loss'] for r in self.history(run) if 'loss' in r]
+        return {'losses': losses, **loss_drop(losses)}
+
+    def overfit_tile(self) -> int:
+        "Index (in the DFC2023 training set) of the tile with the most object pixels."
+        ds = self.dataset('dfc2023', 'train')
+        return max(range(len(ds)), key=lambda k: (int(ds[k]['mask'].sum()), -k))
+
+    def check_overfit(self, c: LearningCheck = LEARNING) -> dict:
+        "Train Mask2Former on the proposed backbone on one tile (paper's random combinations on); IoUs on that tile."
+        _check_experiment(self)
+        ds = self.dataset('dfc2023', 'train'); k = self.overfit_tile(); tile = ds[k]
+        one = Subset(ds, [k])
+        batch = {n: tile[n][None].to(self.device) for n in DATA['dfc2023']}
+        def eval_fn(model, step): return _ious(model.predict(batch)[0].cpu(), tile['mask'])
+        f = Finetune('dfc2023', 'semantic', 'Sup. Proposed')
+        build = lambda: build_segmenter(f, self.profile.img_size, c.overfit_hidden_dim, train_num_points=c.overfit_points)
+        cfg = TrainConfig(max_steps=c.overfit_steps, batch_size=1, lr=c.overfit_lr, weight_decay=0.05,
+                          betas=(0.9, 0.999), warmup_steps=0, schedule='constant', log_every=1,
+                          eval_every=c.eval_every, amp='none')
+        run = self.root/'check'/'overfit_semantic'
+        w = self.train(build, one, cfg, run, {'check': 'overfit', 'tile': tile['id']}, collate_fn=collate_multimodal,
+                       eval_fn=eval_fn)
+        model = build(); load_weights(model, w); model.to(self.device)
+        h = self.history(run)
+        return {'tile': tile['id'], 'losses': [r['loss'] for r in h if 'loss' in r],
+                'curve': [(r['step'], r['eval_miou'], r['eval_building_iou']) for r in h if 'eval_miou' in r],
+                **eval_fn(model.eval(), c.overfit_steps), 'model': model, 'sample': tile}
 
 # %% ../nbs/api/21_incomplete_protocol.ipynb #f21422fe
 LABELS = {'sar': 'SAR', 'rgb': 'RGB', 'dsm': 'DSM', 's1': 'S1', 's2': 'S2', 'dem': 'DEM', 'dnw': 'DNW'}

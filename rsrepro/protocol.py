@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, re, time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from .standins import is_sample_source, is_standin, standin_source
 from .train import TrainConfig, fit
 
 # %% auto #0
-__all__ = ['PROFILES', 'WEIGHTS', 'DONE', 'EVAL', 'Profile', 'register_profiles', 'get_profile', 'Experiment']
+__all__ = ['PROFILES', 'WEIGHTS', 'DONE', 'EVAL', 'Profile', 'register_profiles', 'get_profile', 'Experiment', 'loss_drop']
 
 # %% ../nbs/api/24_protocol.ipynb #69ec2218
 @dataclass(kw_only=True)
@@ -137,3 +137,12 @@ class Experiment:
         out = compute()
         with atomic_write(path) as f: json.dump(out, f, default=str)
         return out
+
+# %% ../nbs/api/24_protocol.ipynb #bdb85cc0
+def loss_drop(losses: Sequence[float], first: int = 1, last: int = 5) -> dict[str, float]:
+    "Start (mean of the first `first` losses: by default the initial weights' loss), end (mean of the last `last`), drop in % of the start."
+    losses = [float(x) for x in losses]
+    if len(losses) < max(first, last): raise ValueError(f'loss_drop: {len(losses)} losses, need at least {max(first, last)}')
+    start, end = sum(losses[:first]) / first, sum(losses[-last:]) / last
+    if not start > 0: raise ValueError(f'loss_drop: the starting loss is {start}; a drop in percent needs a positive start')
+    return {'start': start, 'end': end, 'drop': 100.0 * (1.0 - end / start)}

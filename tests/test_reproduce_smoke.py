@@ -75,3 +75,18 @@ def test_incomplete_writes_every_result_row(smoke):
         assert set(zip(pub.row, pub.column)) == set(zip(got.row, got.column)), t
         assert (got.profile == 'smoke').all() and got.data_source.str.contains('smoke-standin').all()
     for fig in ('figure_5', 'figure_6'): assert (out/'figures'/'incomplete'/f'{fig}.png').is_file()
+
+
+@pytest.mark.parametrize('paper', ['imim', 'incomplete'])
+def test_learning_checks_meet_their_thresholds(smoke, paper):
+    "Each paper's learning_check page recorded every check, and each meets its threshold: the pipelines learn."
+    import importlib
+    from rsrepro.results import load_results, records_path
+    out, s, _ = smoke
+    assert records_path(out, paper, 'learning', kind='check').is_file()
+    need = importlib.import_module(f'rsrepro.{paper}_protocol').LEARNING.thresholds()
+    res = load_results(out, paper, 'learning')
+    assert set(res.row) == set(need), (sorted(res.row), sorted(need))
+    assert (res.profile == 'smoke').all() and res.data_source.str.len().gt(0).all()
+    low = [(r.row, r.column, round(r.value, 1), need[r.row]) for r in res.itertuples() if not r.value >= need[r.row]]
+    assert not low, f'{paper} does not learn: {low}'

@@ -136,7 +136,7 @@ for name, m in (('this profile', ex.build(Finetune('{DATA}', '{TASK}', 'Sup. Pro
 '''
 
 A_TABLE = ['fusion tokens', 'modality attention depth', 'mask token', 'normalisation', 'random modality combination',
-           'PatchDropout', 'MultiViT', 'Mask2Former pyramid', 'Mask2Former settings', 'fine-tuning optimiser',
+           'supervised token mask', 'Dirichlet draw', 'ignored pixels', 'MultiViT', 'Mask2Former pyramid', 'Mask2Former settings', 'fine-tuning optimiser',
            'weights evaluated']
 A_PRE = ['visible tokens', 'pre-training data', 'pre-training modalities', 'pre-training schedule',
          'reconstruction targets', 'decoders', 'contrastive loss', 'DINO loss']
