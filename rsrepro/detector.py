@@ -164,6 +164,7 @@ def yolov5_cfg(arch: str, nc: int, scale: str = 's', **kw) -> dict:
     "The YOLOv5 model dict of an anchor-based `arch`: `'swin_yolov5'` (`scale`, `**kw` go there), a v5.0 baseline or a 7.0 yaml."
     if nc < 1: raise ValueError(f'yolov5_cfg: nc={nc} must be >= 1')
     if arch == 'swin_yolov5': return swin_yolov5_cfg(nc, scale, **kw)
+    if kw: raise TypeError(f'yolov5_cfg: {sorted(kw)} only apply to the Swin detector, not to {arch!r}')
     if arch in ('yolov5s', 'yolov5m', 'yolov5l', 'yolov5x'):
         d, w = YOLOV5_SCALES[arch[-1]][:2]
         return {'arch': arch, 'nc': int(nc), 'depth_multiple': d, 'width_multiple': w, 'anchors': deepcopy(YOLOV5_ANCHORS),

@@ -518,6 +518,7 @@ def test_configs_and_baselines(det4):
     with pytest.raises(ValueError, match='nc=0'): swin_yolov5_cfg(0, scale='n')
     with pytest.raises(ValueError, match='nc=-1'): model_cfg('swin_yolov5', -1, 'n')
     with pytest.raises(ValueError, match='arch'): model_cfg('yolov9', 8)
+    with pytest.raises(TypeError, match='drop_path_rate'): build_detector('yolov5s', nc=8, drop_path_rate=0.0)
     c = swin_yolov5_cfg(8, scale='n')
     assert c['nc'] == 8 and (c['depth_multiple'], c['width_multiple']) == (0.33, 0.25)
     assert c['backbone'][0][2] == 'SwinBackbone' and c['anchors'][0] == [10, 13, 16, 30, 33, 23]
