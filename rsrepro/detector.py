@@ -27,7 +27,7 @@ __all__ = ['OFFLINE_ENV', 'SWIN_VARIANT', 'YOLOV5_ANCHORS', 'YOLOV5_SCALES', 'YO
            'yolov5_offline', 'SwinBackbone', 'Index', 'swin_channels', 'yolov5_head', 'swin_yolov5_cfg', 'yolov5_cfg',
            'parse_yolov5', 'YOLOv5Detector', 'yolov5_hyp', 'swin_yolov5u_cfg', 'model_cfg', 'BackboneLoad',
            'load_backbone', 'build_detector', 'DetectorConfig', 'save_init_checkpoint', 'DetectorRun', 'train_detector',
-           'EvalConvention', 'eval_convention', 'load_detector', 'predict', 'evaluate']
+           'EvalConvention', 'eval_convention', 'load_detector', 'predict', 'evaluate', 'recalibrate_bn']
 
 # %% ../nbs/api/16_detector.ipynb #92164700
 OFFLINE_ENV = {'YOLO_OFFLINE': '1', 'YOLO_AUTOINSTALL': '0'}
@@ -164,6 +164,7 @@ def yolov5_cfg(arch: str, nc: int, scale: str = 's', **kw) -> dict:
     "The YOLOv5 model dict of an anchor-based `arch`: `'swin_yolov5'` (`scale`, `**kw` go there), a v5.0 baseline or a 7.0 yaml."
     if nc < 1: raise ValueError(f'yolov5_cfg: nc={nc} must be >= 1')
     if arch == 'swin_yolov5': return swin_yolov5_cfg(nc, scale, **kw)
+    if kw: raise TypeError(f'yolov5_cfg: {sorted(kw)} only apply to the Swin detector, not to {arch!r}')
     if arch in ('yolov5s', 'yolov5m', 'yolov5l', 'yolov5x'):
         d, w = YOLOV5_SCALES[arch[-1]][:2]
         return {'arch': arch, 'nc': int(nc), 'depth_multiple': d, 'width_multiple': w, 'anchors': deepcopy(YOLOV5_ANCHORS),
@@ -664,6 +665,11 @@ def _nms(out, anchor_based: bool, conv: EvalConvention) -> list[torch.Tensor]:
     return non_max_suppression(out, conf_thres=conv.conf, iou_thres=conv.iou, multi_label=conv.multi_label,
                                max_det=conv.max_det)
 
+def _network_input(images: Sequence[torch.Tensor], imgsz: int, device) -> torch.Tensor:
+    "Images `[C, H, W]` in [0, 1] resized to a square `imgsz` batch (antialiased when shrinking), as `predict` feeds them."
+    return torch.stack([F.interpolate(im[None].float(), size=(imgsz, imgsz), mode='bilinear', align_corners=False,
+                                      antialias=max(im.shape[1:]) > imgsz)[0] for im in images]).to(device)
+
 def load_detector(weights: str | os.PathLike, device: str = 'cpu') -> nn.Module:
     "A trained checkpoint (`last.pt` of `train_detector`) as an eval-mode float model on `device` (rsrepro device name)."
     ultralytics_offline()
@@ -688,9 +694,7 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], imgsz: int = 512, 
     out = []
     for s in range(0, len(images), batch_size):
         chunk = images[s:s + batch_size]
-        x = torch.stack([F.interpolate(im[None].float(), size=(imgsz, imgsz), mode='bilinear', align_corners=False,
-                                       antialias=max(im.shape[1:]) > imgsz)[0] for im in chunk]).to(dev)
-        for im, d in zip(chunk, _nms(model(x), anchor_based, conv)):
+        for im, d in zip(chunk, _nms(model(_network_input(chunk, imgsz, dev)), anchor_based, conv)):
             d = d.float().cpu(); H, W = im.shape[1:]
             boxes = d[:, :4] * torch.tensor([W / imgsz, H / imgsz, W / imgsz, H / imgsz])
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W); boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)   # as ultralytics' predictor
@@ -704,3 +708,19 @@ def evaluate(preds: Sequence[Mapping], gts: Sequence[Mapping], names: Sequence[s
     r = detection_ap(preds, [{'boxes': g['boxes'], 'labels': g['label'] if 'label' in g else g['labels']} for g in gts],
                      iou_thr=iou_thr, num_classes=len(names), method=method or conv.ap_method, matching=conv.matching)
     return {**{n: r['ap'][i] for i, n in enumerate(names)}, 'mAP': r['map']}
+
+# %% ../nbs/api/16_detector.ipynb #eb2aaeb0
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: Sequence[torch.Tensor], imgsz: int = 512, batch_size: int = 8) -> nn.Module:
+    "Re-estimate every BatchNorm's running mean/variance as the average over `images` (PreciseBN); returns `model` in eval mode."
+    if imgsz % 32: raise ValueError(f'recalibrate_bn: imgsz={imgsz} must be a multiple of 32')
+    if not len(images): raise ValueError('recalibrate_bn: no images')
+    model.eval(); dev = next(model.parameters()).device
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns: m.reset_running_stats(); m.momentum = None; m.train()    # momentum None: cumulative average
+    try:
+        for s in range(0, len(images), batch_size): model(_network_input(images[s:s + batch_size], imgsz, dev))
+    finally:
+        for m, mom in zip(bns, momenta): m.momentum = mom; m.eval()
+    return model

@@ -432,6 +432,27 @@ def test_conventions_are_named_and_described():
     with pytest.raises(ValueError, match='matching'): det_mod.EvalConvention('x', 'x', .1, .5, True, 9, 'greedy', 'all_points')
 
 
+def test_recalibrate_bn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.03), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    ims = [torch.rand(3, 48, 40) for _ in range(6)]
+    det_mod.recalibrate_bn(net, ims, imgsz=32, batch_size=3)          # two batches of 3: the average of their statistics
+    x = torch.stack([torch.nn.functional.interpolate(i[None], size=(32, 32), mode='bilinear', antialias=True)[0] for i in ims])
+    z = net[0](x)
+    means = torch.stack([z[:3].mean((0, 2, 3)), z[3:].mean((0, 2, 3))]).mean(0)
+    assert torch.allclose(net[1].running_mean, means, atol=1e-5) and int(net[1].num_batches_tracked) == 2
+    assert net[1].momentum == 0.03 and net[4].momentum == 0.1 and not net.training and not net[1].training
+    with pytest.raises(ValueError, match='multiple of 32'): det_mod.recalibrate_bn(net, ims, imgsz=30)
+    with pytest.raises(ValueError, match='no images'): det_mod.recalibrate_bn(net, [], imgsz=32)
+    # a YOLOv5 model: every BatchNorm re-estimated, the weights untouched
+    m, _ = build_detector('yolov5n_v7', nc=2, in_chans=3)
+    w = {k: v.clone() for k, v in m.state_dict().items() if 'running' not in k and 'num_batches' not in k}
+    det_mod.recalibrate_bn(m, ims[:2], imgsz=64)
+    bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert bns and all(int(b.num_batches_tracked) == 1 and b.momentum == 0.03 for b in bns)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in w.items())
+
+
 # ---------------------------------------------------------------- (7) configurations, baselines, devices
 @pytest.mark.parametrize('arch', ['yolov5s', 'yolov5n_v7', 'yolov3'])
 def test_anchor_models_equal_yolov5_package(arch):
@@ -497,6 +518,7 @@ def test_configs_and_baselines(det4):
     with pytest.raises(ValueError, match='nc=0'): swin_yolov5_cfg(0, scale='n')
     with pytest.raises(ValueError, match='nc=-1'): model_cfg('swin_yolov5', -1, 'n')
     with pytest.raises(ValueError, match='arch'): model_cfg('yolov9', 8)
+    with pytest.raises(TypeError, match='drop_path_rate'): build_detector('yolov5s', nc=8, drop_path_rate=0.0)
     c = swin_yolov5_cfg(8, scale='n')
     assert c['nc'] == 8 and (c['depth_multiple'], c['width_multiple']) == (0.33, 0.25)
     assert c['backbone'][0][2] == 'SwinBackbone' and c['anchors'][0] == [10, 13, 16, 30, 33, 23]
