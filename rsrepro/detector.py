@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .core import RsreproError, DataFormatError, DataNotFoundError, atomic_write, atomic_torch_save, get_device
 from .data import cache_dir
+from .io import LoadReport, load_weights, read_weights
 from .imim import swin_features_only_names
 from .metrics import AP_METHODS, IMIM_AP_METHOD, MATCHING_RULES, detection_ap
 
@@ -25,8 +26,8 @@ from .metrics import AP_METHODS, IMIM_AP_METHOD, MATCHING_RULES, detection_ap
 __all__ = ['OFFLINE_ENV', 'SWIN_VARIANT', 'YOLOV5_ANCHORS', 'YOLOV5_SCALES', 'YOLOV5_V50_BACKBONE', 'BASELINES', 'YOLOV5_V7',
            'ANCHOR_FREE', 'ARCHS', 'YOLOV5_HYP', 'EVAL_CONVENTIONS', 'IMIM_EVAL', 'ultralytics_offline',
            'yolov5_offline', 'SwinBackbone', 'Index', 'swin_channels', 'yolov5_head', 'swin_yolov5_cfg', 'yolov5_cfg',
-           'parse_yolov5', 'YOLOv5Detector', 'yolov5_hyp', 'swin_yolov5u_cfg', 'model_cfg', 'BackboneLoad',
-           'load_backbone', 'build_detector', 'DetectorConfig', 'save_init_checkpoint', 'DetectorRun', 'train_detector',
+           'parse_yolov5', 'YOLOv5Detector', 'yolov5_hyp', 'swin_yolov5u_cfg', 'model_cfg', 'load_backbone',
+           'build_detector', 'DetectorConfig', 'save_init_checkpoint', 'DetectorRun', 'train_detector',
            'EvalConvention', 'eval_convention', 'load_detector', 'predict', 'evaluate', 'recalibrate_bn']
 
 # %% ../nbs/api/16_detector.ipynb #92164700
@@ -65,7 +66,11 @@ def yolov5_offline():
         os.environ.setdefault('YOLOV5_CONFIG_DIR', os.environ.get('YOLO_CONFIG_DIR', str(cache_dir()/'ultralytics')))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')          # its `import pkg_resources` is deprecated
-        import yolov5.models.common, yolov5.models.yolo, yolov5.utils.general, yolov5.utils.loss
+        try: import yolov5.models.common, yolov5.models.yolo, yolov5.utils.general, yolov5.utils.loss
+        except ImportError as e:
+            raise RsreproError(f'the anchor-based YOLOv5 detectors need the yolov5 package ({type(e).__name__}: {e}); its '
+                               'declared dependencies clash with transformers 5, so install it without them: pip install '
+                               "--no-deps yolov5==7.0.14 seaborn==0.13.2 'setuptools<81'") from e
     return yolov5
 
 
@@ -318,71 +323,32 @@ def model_cfg(arch: str, nc: int, scale: str = 's', **kw) -> dict:
     return cfg
 
 # %% ../nbs/api/16_detector.ipynb #55b7ec50
-@dataclass
-class BackboneLoad:
-    "What `load_backbone` did: backbone tensors loaded / left at their initialisation / file tensors not used."
-    source: str
-    loaded: list[str]
-    missing: list[str]
-    unused: list[str]
-    resized: list[str] = field(default_factory=list)   # relative-position tables resampled to the detector's window
+def _rel_pos_table(bb: SwinBackbone):
+    "`rsrepro.io.load_weights` hook: a Swin relative-position bias table of another window, resampled as timm does."
+    def adapt(k: str, v: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+        if not k.endswith('relative_position_bias_table'): return None
+        from timm.layers import resize_rel_pos_bias_table
+        attn = bb.body.get_submodule(k[:-len('.relative_position_bias_table')])
+        return resize_rel_pos_bias_table(v, new_window_size=attn.window_size, new_bias_shape=own.shape)
+    return adapt
 
-    def __str__(self):
-        cut = lambda l: (', '.join(l[:4]) + (f' ... (+{len(l) - 4})' if len(l) > 4 else '')) if l else 'none'
-        return (f'loaded {len(self.loaded)}/{len(self.loaded) + len(self.missing)} backbone tensors from {self.source}; '
-                f'not in the file: {cut(self.missing)}; in the file but not used: {len(self.unused)} ({cut(self.unused)})'
-                + (f'; {len(self.resized)} relative-position tables resampled to the detector window' if self.resized else ''))
-
-def _encoder_state(obj: Mapping[str, Any], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    "Swin encoder weights under timm `features_only` names (from an rsrepro checkpoint or a bare state dict), and the ignored keys."
-    if 'model' in obj and isinstance(obj['model'], Mapping): obj = obj['model']
-    elif 'state_dict' in obj and isinstance(obj['state_dict'], Mapping): obj = obj['state_dict']
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    other = []
-    if any(k.startswith('encoder.') for k in sd):
-        other = [k for k in sd if not k.startswith('encoder.')]
-        sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
-    if not any(k.startswith(('patch_embed.', 'layers')) for k in sd):
-        raise DataFormatError(f'{source}: no Swin encoder weights found (expected keys like encoder.patch_embed.*, '
-                              f'patch_embed.* or layers_0.*; first keys: {list(sd)[:5]})')
-    head = [k for k in sd if k.startswith('norm.')]      # the classifier-side final norm: not part of a features_only Swin
-    return swin_features_only_names(sd), other + [f'encoder.{k}' if other else k for k in head]
-
-def load_backbone(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any]) -> BackboneLoad:
-    "Load Swin encoder weights into the `SwinBackbone` of `model` (a detector or the backbone itself)."
+def load_backbone(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any]) -> LoadReport:
+    "Load Swin encoder weights (an rsrepro pre-training's `encoder.*`, or a bare Swin state dict) into the `SwinBackbone` of `model`."
     bb = model if isinstance(model, SwinBackbone) else next((m for m in model.modules() if isinstance(m, SwinBackbone)), None)
     if bb is None: raise RsreproError(f'load_backbone: {type(model).__name__} has no SwinBackbone layer')
-    if isinstance(checkpoint, Mapping): source, obj = 'a state dict', checkpoint
-    else:
-        source = str(checkpoint); p = Path(checkpoint)
-        if not p.is_file(): raise DataNotFoundError(f'load_backbone: checkpoint {p} does not exist')
-        try: obj = torch.load(p, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise DataFormatError(f'load_backbone: {p} cannot be read as a weights file ({type(e).__name__}: '
-                                  f'{str(e).splitlines()[0][:200]})') from e
-        if not isinstance(obj, Mapping): raise DataFormatError(f'load_backbone: {p} holds a {type(obj).__name__}, not a dict')
-    sd, ignored = _encoder_state(obj, source)
-    own = bb.body.state_dict()
-    resized = []
-    for k, v in list(sd.items()):     # a smaller pre-training image clamps Swin's window: resample the bias table
-        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
-            from timm.layers import resize_rel_pos_bias_table
-            attn = bb.body.get_submodule(k[:-len('.relative_position_bias_table')])
-            sd[k] = resize_rel_pos_bias_table(v, new_window_size=attn.window_size, new_bias_shape=own[k].shape)
-            resized.append(k)
-    bad = [f'{k}: {tuple(v.shape)} in the file vs {tuple(own[k].shape)} in the detector'
-           for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise DataFormatError(f'load_backbone: {source} does not fit the {bb.in_chans}-band {bb.variant} backbone: '
-                              + '; '.join(bad[:4]) + (f' (+{len(bad) - 4} more)' if len(bad) > 4 else ''))
-    use = {k: v for k, v in sd.items() if k in own}
-    bb.body.load_state_dict(use, strict=False)
-    return BackboneLoad(source, sorted(use), sorted(k for k in own if k not in sd),
-                        sorted(ignored + [k for k in sd if k not in own]), sorted(resized))
+    sd, source = read_weights(checkpoint, 'load_backbone')
+    prefix = 'encoder.' if any(k.startswith('encoder.') for k in sd) else None
+    if not any(k.removeprefix(prefix or '').startswith(('patch_embed.', 'layers')) for k in sd):
+        raise DataFormatError(f'{source}: no Swin encoder weights found (expected keys like encoder.patch_embed.*, '
+                              f'patch_embed.* or layers_0.*; first keys: {list(sd)[:5]})')
+    # timm's features_only names; the classifier-side final `norm.` stays in, to be reported as not used
+    rename = lambda d: {**swin_features_only_names(d), **{k: v for k, v in d.items() if k.startswith('norm.')}}
+    return load_weights(bb.body, sd, prefix=prefix, rename=rename, adapt=_rel_pos_table(bb), strict=False,
+                        what=f'load_backbone ({bb.in_chans}-band {bb.variant})', source=source)
 
 def build_detector(arch: str = 'swin_yolov5', nc: int = 8, in_chans: int = 4, scale: str = 's',
                    checkpoint: str | os.PathLike | Mapping | None = None, names: Sequence[str] | None = None,
-                   verbose: bool = False, **cfg_kw) -> tuple[nn.Module, BackboneLoad | None]:
+                   verbose: bool = False, **cfg_kw) -> tuple[nn.Module, LoadReport | None]:
     "A detector (`arch` in `ARCHS`; `scale`: the Swin detectors' neck width) and what `checkpoint` loaded into its Swin (or None)."
     cfg = model_cfg(arch, nc, scale, **cfg_kw)
     if arch in ANCHOR_FREE:

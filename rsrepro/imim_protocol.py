@@ -15,14 +15,16 @@ from torch.utils.data import Dataset
 
 from .core import create_model, seed_everything
 from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo
-from .detector import DetectorConfig, build_detector, evaluate, load_detector, predict, train_detector
-from .protocol import Experiment, Profile, register_profiles
+from .core import RsreproError
+from .detector import (DetectorConfig, build_detector, evaluate, load_detector, predict, recalibrate_bn,
+                              train_detector)
+from .protocol import Experiment, Profile, loss_drop, register_profiles
 from .standins import smoke_aviid_root
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['ASSUMPTIONS', 'METHODS', 'PRETRAIN_DATA', 'BANDS', 'PROFILES', 'Pretrain', 'Finetune', 'ImimProfile', 'MIMImages',
-           'ImimExperiment']
+__all__ = ['ASSUMPTIONS', 'METHODS', 'PRETRAIN_DATA', 'BANDS', 'CHANNELS', 'PROFILES', 'LEARNING', 'Pretrain', 'Finetune',
+           'ImimProfile', 'MIMImages', 'LearningCheck', 'ImimExperiment']
 
 # %% ../nbs/api/17_imim_protocol.ipynb #b7a30918
 ASSUMPTIONS: dict[str, str] = {
@@ -54,16 +56,27 @@ ASSUMPTIONS: dict[str, str] = {
                'pixels exactly as conventional MIM does',
     'MAE rows of Table II': 'conventional MIM with the same Swin encoder and decoder (SimMIM-style: Swin cannot drop '
                             'tokens as MAE does)',
-    'detector': "ultralytics' YOLOv5 neck and anchor-free Detect head (YOLOv5u) at scale s on Swin-T stages 2-4 "
-                '(strides 8/16/32), SPPF on P5; the paper does not give the width',
-    'fine-tuning length': '300 epochs, batch 16, 512 px (YOLOv5 defaults; VEDAI 512 images); ultralytics '
-                          'augmentation defaults (mosaic, HSV, flips, scale)',
-    'warm-up': "ultralytics' 3 epochs; its warm-up bias lr set to lr0 (its default 0.1 is for SGD at 0.01)",
+    'detector': 'Swin-T stages 2-4 (strides 8/16/32) + SPPF on P5 + YOLOv5\'s PANet neck and anchor-based Detect head '
+                "(YOLOv5's default anchors, objectness) at scale s (depth 0.33, width 0.5), layers from the yolov5 7.0.14 "
+                "package; loss = YOLOv5's ComputeLoss with v5.0 hyp.scratch gains scaled as v5.0's train.py does. The "
+                'paper gives neither the width nor the YOLOv5 release of its head',
+    'fine-tuning length': '300 epochs, batch 16, 512 px (YOLOv5 defaults; VEDAI 512 images); YOLOv5 v5.0 augmentation '
+                          '(mosaic, HSV, flips, translate, scale) through ultralytics\' trainer',
+    'warm-up': "YOLOv5 v5.0's: max(3 epochs, 1000 iterations), warm-up momentum 0.8; the warm-up bias lr is set to lr0 "
+               'for the AdamW fine-tuning (v5.0\'s 0.1 is for SGD at 0.01) and kept at 0.1 for the SGD baselines',
+    'schedule': "YOLOv5 v5.0's: cosine from lr0 to 0.2 x lr0, nominal batch 64 (gradients accumulate over 64 / batch "
+                'batches), EMA weights, no mosaic closing. Left different from v5.0: ultralytics clips the gradient norm at '
+                "10, its warm-up skips the last epoch, and inference is the whole square image at the training size "
+                "without v5.0's rectangular letterbox",
     'weights evaluated': 'the last epoch (EMA, as ultralytics saves it); no model selection on the test fold',
-    'baselines': "ultralytics' yolov5{s,m,l,x}.yaml and yolov3.yaml from scratch with YOLOv5's own recipe "
-                 '(SGD lr 0.01, momentum 0.937, weight decay 5e-4), same epochs, batch and size',
-    'AP': "ultralytics' 101-point interpolated AP@0.5 (rsrepro.metrics, method='ultralytics'); classes without test "
-          'objects are left out of the mean',
+    'baselines': 'YOLOv5 s/m/l/x as YOLOv5 v5.0 defined them (Focus stem, C3 repeats 3-9-9, SPP + C3 on P5) and '
+                 "YOLOv5's YOLOv3 (hub/yolov3.yaml, the same as v5.0's), anchor-based, from scratch with v5.0's recipe "
+                 "(SGD lr 0.01, momentum 0.937, weight decay 5e-4, warm-up bias lr 0.1) through ultralytics' trainer; "
+                'same epochs, batch and size as the Swin detector',
+    'AP': "YOLOv5 v5.0's evaluation (rsrepro.detector.EVAL_CONVENTIONS['yolov5_v5.0']): NMS at confidence 0.001, IoU "
+          '0.6, multi-label, 300 boxes; predictions matched in score order at IoU > 0.5; 101-point interpolated AP with '
+          'the end sentinel at the last recall + 0.01; the mAP averages the classes with test objects. The paper does not '
+          'say which YOLOv5 release produced its numbers; we take v5.0, the one it cites',
     'AVIID-3 counts': 'we read the paper as: 1,280 pairs (the dataset), ~1,246 usable, 480x480 px, expanded by '
                       'resizing to 512 and cutting 4 tiles of 256 (4x the images; the printed "4256" is taken as '
                       '"4 x 256 px")',
@@ -82,6 +95,7 @@ METHODS = {'conventional': 'imim_swin_tiny_conventional', 'interactive': 'imim_s
            'interactive_qunmasked': 'imim_swin_tiny_interactive_qunmasked'}
 PRETRAIN_DATA = ('vedai', 'dior', 'aviid3', 'aviid3_expanded')
 BANDS = {'rgb': ('rgb',), 'rgbir': ('rgb', 'ir')}
+CHANNELS = {'rgb': 3, 'rgbir': 4}
 
 @dataclass(frozen=True)
 class Pretrain:
@@ -135,8 +149,8 @@ def _profiles() -> dict[str, ImimProfile]:
     full_bl = replace(full_ft, optimizer='SGD', lr0=0.01, weight_decay=5e-4, warmup_bias_lr=0.1)
     smoke_pt = TrainConfig(max_steps=2, batch_size=2, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05,
                            warmup_steps=0, schedule='constant', log_every=1, amp='none')
-    smoke_ft = DetectorConfig(epochs=1, imgsz=256, batch=3, optimizer='AdamW', lr0=1e-5, weight_decay=0.005,
-                              warmup_epochs=0, close_mosaic=0, workers=0)
+    smoke_ft = DetectorConfig(epochs=1, imgsz=256, batch=3, nbs=3, optimizer='AdamW', lr0=1e-5, weight_decay=0.005,
+                              warmup_epochs=0, close_mosaic=0, workers=0)       # nbs = batch: every batch steps
     smoke_bl = replace(smoke_ft, optimizer='SGD', lr0=0.01, weight_decay=5e-4)
     return {'full': ImimProfile(name='full', pretrain=full_pt, pretrain_size=256, finetune=full_ft, baseline=full_bl,
                                 folds=tuple(range(1, 11))),
@@ -165,6 +179,36 @@ class MIMImages(Dataset):
         return {'image': out}
 
 
+
+# %% ../nbs/api/17_imim_protocol.ipynb #b219ad1d
+@dataclass(frozen=True)
+class LearningCheck:
+    "The 'does it learn?' settings: short CPU runs on the 3 real VEDAI scenes (smoke profile)."
+    bands: str = 'rgbir'
+    methods: tuple[str, ...] = ('conventional', 'interactive', 'interactive_qunmasked')
+    mask_size: int = 32
+    pretrain_steps: int = 12
+    pretrain_batch: int = 2
+    pretrain_lr: float = 1e-3
+    detector_imgsz: int = 256
+    detector_steps: int = 50            # epochs of one batch (the 3 scenes)
+    detector_lr: float = 2e-3
+    min_loss_drop: float = 50.0         # % of the starting loss
+    min_ap50: float = 50.0              # %
+
+    def detector_config(self, seed: int = 0, device: str = 'cpu') -> DetectorConfig:
+        "Overfitting settings: AdamW at a constant lr, no warm-up, no augmentation, nbs = batch."
+        return DetectorConfig(epochs=self.detector_steps, imgsz=self.detector_imgsz, batch=3, nbs=3, optimizer='AdamW',
+                              lr0=self.detector_lr, lrf=1.0, cos_lr=False, weight_decay=0.005, warmup_epochs=0,
+                              mosaic=0.0, seed=seed, device=device,
+                              extra=dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0, fliplr=0.0,
+                                         save=False))       # ultralytics still writes last.pt at the end
+
+    def thresholds(self) -> dict[str, float]:
+        "Row of the learning records -> the least value that passes (percent)."
+        return {'pretrain loss drop': self.min_loss_drop, 'overfit AP50': self.min_ap50}
+
+LEARNING = LearningCheck()
 
 # %% ../nbs/api/17_imim_protocol.ipynb #864d0625
 class ImimExperiment(Experiment):
@@ -203,7 +247,7 @@ class ImimExperiment(Experiment):
         "Train `p` (or resume it, or reuse it when finished); returns its weights file."
         ds = MIMImages(self.pretrain_images(p), self.profile.pretrain_size)
         build = lambda: create_model(METHODS[p.method], img_size=self.profile.pretrain_size,
-                                     in_chans=3 if p.bands == 'rgb' else 4, mask_patch_size=p.mask_size)
+                                     in_chans=CHANNELS[p.bands], mask_patch_size=p.mask_size)
         return self.train(build, ds, self.profile.pretrain, self.root/'pretrain'/p.key, asdict(p))
 
     def config(self, f: Finetune) -> DetectorConfig:
@@ -218,7 +262,7 @@ class ImimExperiment(Experiment):
             return train_detector(None, yml, self.config(f), run)
         ck = self.pretrain(f.pretrain) if f.pretrain else None
         seed_everything(self.seed)
-        model, rep = build_detector(f.arch, nc=len(VEDAI_CLASSES), in_chans=3 if f.bands == 'rgb' else 4,
+        model, rep = build_detector(f.arch, nc=len(VEDAI_CLASSES), in_chans=CHANNELS[f.bands],
                                     scale=self.profile.scale, checkpoint=ck, names=VEDAI_CLASSES)
         if rep is not None: print(f'{f.key}: {rep}')
         return train_detector(model, yml, self.config(f), run, log=self.log)
@@ -243,3 +287,48 @@ class ImimExperiment(Experiment):
         model = load_detector(weights, device=str(self.device))
         preds = predict(model, [s['image'] for s in samples], imgsz=self.config(f).imgsz)
         return preds, samples
+
+    # ---- does it learn? (learning_check.ipynb) ----
+    def _check_smoke(self):
+        if self.profile.require_full_data:
+            raise RsreproError("the learning check runs on the real samples: build it with ImimExperiment('smoke', ...)")
+
+    def check_pretrain(self, method: str, c: LearningCheck = LEARNING) -> dict:
+        "Pre-train `method` for a few steps on the VEDAI scenes; its losses, their drop, and a reference loss."
+        self._check_smoke()
+        scenes = self.vedai('train', c.bands)
+        ds = MIMImages(scenes, self.profile.pretrain_size)
+        cfg = TrainConfig(max_steps=c.pretrain_steps, batch_size=c.pretrain_batch, lr=c.pretrain_lr, weight_decay=0.05,
+                          betas=(0.9, 0.999), warmup_steps=0, schedule='constant', log_every=1, amp='none')
+        build = lambda: create_model(METHODS[method], img_size=self.profile.pretrain_size, in_chans=CHANNELS[c.bands],
+                                     mask_patch_size=c.mask_size)
+        run = self.root/'check'/f'pretrain_{method}'
+        self.train(build, ds, cfg, run, {'check': 'pretrain', 'method': method})
+        losses = [r['loss'] for r in self.history(run) if 'loss' in r]
+        # the L2 loss of predicting each channel's mean of the scene: what colour and brightness alone achieve
+        mean_pred = float(torch.stack([scenes[k]['image'].var(dim=(1, 2), unbiased=False).mean()
+                                       for k in range(len(scenes))]).mean())
+        return {'losses': losses, 'channel_mean_loss': mean_pred, **loss_drop(losses)}
+
+    def check_detector(self, c: LearningCheck = LEARNING) -> dict:
+        "Train the Swin-T + YOLOv5 detector from scratch on the VEDAI scenes; its AP@0.5 on those scenes."
+        self._check_smoke()
+        ds = self.vedai('train', c.bands)
+        yml = vedai_to_yolo({'train': ds, 'val': ds}, self.root/'check'/'data')
+        run = self.root/'check'/'detector'
+        if not (run/'done.json').is_file():
+            seed_everything(self.seed)
+            model, _ = build_detector('swin_yolov5', nc=len(VEDAI_CLASSES), in_chans=CHANNELS[c.bands],
+                                      scale=self.profile.scale, names=VEDAI_CLASSES, drop_path_rate=0.0)
+        else: model = None
+        r = train_detector(model, yml, c.detector_config(self.seed, str(self.device)), run, log=self.log)
+        samples = [ds[k] for k in range(len(ds))]
+        images = [s['image'] for s in samples]
+        m = load_detector(r.weights, device=str(self.device))
+        plain = evaluate(predict(m, images, imgsz=c.detector_imgsz), samples, VEDAI_CLASSES)
+        recalibrate_bn(m, images, imgsz=c.detector_imgsz)
+        preds = predict(m, images, imgsz=c.detector_imgsz)
+        ap = evaluate(preds, samples, VEDAI_CLASSES)
+        curve = run/'results.csv'
+        return {'ap': ap, 'ap_plain': plain, 'seconds': r.seconds, 'preds': preds, 'samples': samples,
+                'results_csv': curve if curve.is_file() else None}

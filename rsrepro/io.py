@@ -221,9 +221,10 @@ def read_weights(checkpoint: str | os.PathLike | Mapping[str, Any], what: str = 
 def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], prefix: str | None = None,
                  rename: Callable[[dict], dict] | None = None,
                  adapt: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-                 strict: bool = True, what: str = 'load_weights') -> LoadReport:
-    "Load `checkpoint` (file or dict; its `prefix` part, renamed, adapted) into `module`; errors name the file."
-    sd, source = read_weights(checkpoint, what)
+                 strict: bool = True, what: str = 'load_weights', source: str | None = None) -> LoadReport:
+    "Load `checkpoint` (file or dict; its `prefix` part, renamed, adapted) into `module`; errors name the file (or `source`)."
+    sd, src = read_weights(checkpoint, what)
+    source = source or src
     other: list[str] = []
     if prefix:
         if not any(k.startswith(prefix) for k in sd):

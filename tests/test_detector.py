@@ -94,13 +94,13 @@ def test_pretrain_checkpoint_round_trip(pretrained):
     bb = det.model[0]
     assert isinstance(bb, SwinBackbone) and bb.in_chans == 4
     own = bb.body.state_dict()
-    assert rep.source == str(path) and rep.missing == [] and rep.resized == []
+    assert rep.source == str(path) and rep.missing == [] and rep.adapted == []
     assert rep.loaded == sorted(own) and len(own) == 169
-    assert f'loaded {len(own)}/{len(own)} backbone tensors' in str(rep)
+    assert f'loaded {len(own)}/{len(own)} tensors' in str(rep)
     # what the file holds besides the encoder (decoder, interaction module, mask token, the encoder's final norm,
     # which a features_only Swin does not have) is reported as not used
     non_encoder = {k for k in pre.state_dict() if not k.startswith('encoder.')}
-    assert {'mask_token', 'decoder.0.weight', 'interaction.norm.weight'} <= non_encoder and len(non_encoder) == 22
+    assert {'mask_token', 'decoder.pred.weight', 'interaction.norm.weight'} <= non_encoder and len(non_encoder) == 50
     assert set(rep.unused) == non_encoder | {'encoder.norm.weight', 'encoder.norm.bias'}
     assert f'in the file but not used: {len(rep.unused)} ' in str(rep)
     # every backbone tensor is the pre-trained encoder's (timm features_only names)
