@@ -33,6 +33,29 @@ __all__ = ['OFFLINE_ENV', 'SWIN_VARIANT', 'YOLOV5_ANCHORS', 'YOLOV5_SCALES', 'YO
 # %% ../nbs/api/16_detector.ipynb #92164700
 OFFLINE_ENV = {'YOLO_OFFLINE': '1', 'YOLO_AUTOINSTALL': '0'}
 
+@contextlib.contextmanager
+def _keep_global_settings():
+    """Keep what ultralytics and yolov5 change at import for the whole process: the matplotlib backend (yolov5 calls
+    `matplotlib.use('Agg')`, which also unhooks IPython's inline figure display, so a notebook's `plt.show()` would draw
+    nothing: that call is a no-op inside this block), matplotlib's rc, numpy's and torch's print options, pandas' column cap."""
+    import matplotlib, numpy as np, pandas as pd
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # deprecated rc keys warn when read
+        rc = {k: v for k, v in matplotlib.rcParams.items() if k != 'backend'}
+    np_opts, pd_cols = np.get_printoptions(), pd.get_option('display.max_columns')
+    from torch._tensor_str import PRINT_OPTS
+    torch_opts = {k: getattr(PRINT_OPTS, k) for k in ('precision', 'threshold', 'edgeitems', 'linewidth', 'sci_mode')}
+    use, matplotlib.use = matplotlib.use, lambda *a, **k: None
+    try: yield
+    finally:
+        matplotlib.use = use
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            matplotlib.rcParams.update(rc)
+        np.set_printoptions(**np_opts)
+        pd.set_option('display.max_columns', pd_cols)
+        torch.set_printoptions(**torch_opts)
+
 def ultralytics_offline(config_dir: str | os.PathLike | None = None, verbose: bool | None = None):
     "Import ultralytics with every network path off, its files in rsrepro's cache and rsrepro's layers registered."
     fresh = 'ultralytics' not in sys.modules
@@ -46,8 +69,9 @@ def ultralytics_offline(config_dir: str | os.PathLike | None = None, verbose: bo
     elif any(os.environ.get(k) != v for k, v in OFFLINE_ENV.items()):
         warnings.warn('ultralytics was imported before rsrepro.detector.ultralytics_offline(); set YOLO_OFFLINE=1 and '
                       'YOLO_AUTOINSTALL=0 before importing it to keep it off the network', stacklevel=2)
-    import ultralytics
-    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+    with _keep_global_settings():
+        import ultralytics
+        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
     import matplotlib
     ttf = Path(matplotlib.get_data_path())/'fonts'/'ttf'/'DejaVuSans.ttf'
     for name in ('Arial.ttf', 'Arial.Unicode.ttf'):
@@ -64,7 +88,7 @@ def yolov5_offline():
     ultralytics_offline()
     if 'yolov5' not in sys.modules:
         os.environ.setdefault('YOLOV5_CONFIG_DIR', os.environ.get('YOLO_CONFIG_DIR', str(cache_dir()/'ultralytics')))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _keep_global_settings():
         warnings.simplefilter('ignore')          # its `import pkg_resources` is deprecated
         try: import yolov5.models.common, yolov5.models.yolo, yolov5.utils.general, yolov5.utils.loss
         except ImportError as e:

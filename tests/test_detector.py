@@ -559,6 +559,38 @@ def test_device_names(tmp_path):
             train_detector(nn.Linear(1, 1), yml, DetectorConfig(device=d), tmp_path/'run')
 
 
+
+def test_importing_the_detectors_leaves_plotting_and_printing_alone(tmp_path):
+    "yolov5 sets matplotlib's Agg backend at import (a notebook's plt.show() then draws nothing) and both packages change"
+    "numpy's, torch's and pandas' display options; rsrepro undoes that for the process that imports them."
+    import subprocess, sys
+    code = ("import matplotlib, numpy as np, pandas as pd, torch\n"
+            "matplotlib.use('svg'); before = (np.get_printoptions(), pd.get_option('display.max_columns'), str(torch.tensor([1/3])))\n"
+            "from rsrepro.detector import yolov5_offline; yolov5_offline()\n"
+            "import yolov5.utils.plots\n"
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+            "assert matplotlib.rcParams['font.size'] == 10.0, matplotlib.rcParams['font.size']\n"
+            "after = (np.get_printoptions(), pd.get_option('display.max_columns'), str(torch.tensor([1/3])))\n"
+            "assert before == after, (before, after)\n")
+    env = {**os.environ, 'YOLO_CONFIG_DIR': str(tmp_path)}
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_notebook_still_shows_figures_after_importing_the_detectors(tmp_path):
+    "In a Jupyter kernel (as papermill runs the pages), plt.show() after importing yolov5 still gives an image output."
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from rsrepro.detector import yolov5_offline; yolov5_offline()\n"
+        "import yolov5.utils.plots, matplotlib.pyplot as plt\n"
+        "plt.plot([0, 1], [1, 0]); plt.show()")])
+    os.environ.setdefault('YOLO_CONFIG_DIR', str(tmp_path))
+    NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+    kinds = [k for o in nb.cells[0].outputs for k in o.get('data', {})]
+    assert 'image/png' in kinds, nb.cells[0].outputs
+
+
 # ---------------------------------------------------------------- last: nothing above touched the network
 def test_no_network_access_above():
     "Every test above ran with DNS and sockets refused; ultralytics_offline() must have kept ultralytics off them."
