@@ -150,7 +150,8 @@ class Registry:
 
 # Modules that register models and datasets; a paper's module adds itself here when it lands.
 MODELS = Registry('model', modules=('rsrepro.mae', 'rsrepro.imim', 'rsrepro.incomplete'))
-DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data', 'rsrepro.multimodal_data'))
+DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data', 'rsrepro.multimodal_data',
+                                          'rsrepro.fusion_data'))
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:
     "Build a registered model by name; every option is a keyword argument."

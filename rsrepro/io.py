@@ -18,7 +18,7 @@ from .core import DataFormatError, DataNotFoundError, atomic_write
 # %% auto #0
 __all__ = ['RESAMPLE_MODES', 'image_format', 'read_image', 'raster_chw', 'read_bands', 'image_to_tensor', 'Grid',
            'read_geotiff_grid', 'resample_band', 'footprint_mask', 'resize_chw', 'write_tiff', 'write_png',
-           'LoadReport', 'read_torch', 'read_weights', 'load_weights']
+           'write_jpeg', 'LoadReport', 'read_torch', 'read_weights', 'load_weights']
 
 # %% ../nbs/api/22_io.ipynb #1daaee55
 _MAGIC = {b'II*\x00': 'tiff', b'MM\x00*': 'tiff', b'II+\x00': 'tiff', b'MM\x00+': 'tiff',
@@ -177,6 +177,15 @@ def write_png(path: str | os.PathLike, a: np.ndarray) -> Path:
     "Write a uint8 `[H, W]` or `[H, W, 3]` (RGB) array as PNG, atomically."
     from PIL import Image
     buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a)).save(buf, format='PNG')
+    with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
+    return Path(path)
+
+def write_jpeg(path: str | os.PathLike, a: np.ndarray, quality: int = 95) -> Path:
+    "Write a uint8 `[H, W, 3]` (RGB) or `[H, W]` array as JPEG (lossy; `quality` 1-95), atomically."
+    from PIL import Image
+    a = np.asarray(a)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3): raise ValueError(f'write_jpeg: expected uint8 [H,W(,3)], got {a.shape} {a.dtype} for {path}')
+    buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a)).save(buf, format='JPEG', quality=int(quality))
     with atomic_write(path, 'wb') as f: f.write(buf.getvalue())
     return Path(path)
 

