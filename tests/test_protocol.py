@@ -19,6 +19,9 @@ def _experiment(paper):
     if paper == 'imim':
         from rsrepro.imim_protocol import ASSUMPTIONS, ImimExperiment
         return ImimExperiment, ASSUMPTIONS
+    if paper == 'crossscale':
+        from rsrepro.crossscale_protocol import ASSUMPTIONS, CrossscaleExperiment
+        return CrossscaleExperiment, ASSUMPTIONS
     from rsrepro.incomplete_protocol import ASSUMPTIONS, IncompleteExperiment
     return IncompleteExperiment, ASSUMPTIONS
 
@@ -26,10 +29,11 @@ def _experiment(paper):
 def _first_data_access(paper, ex):
     "Touch the paper's first dataset as its pages do."
     if paper == 'imim': return ex.vedai('test', 'rgbir', 1)
+    if paper == 'crossscale': return ex.dataset('train')
     return ex.dataset('dfc2023', 'train')
 
 
-PAPERS = ['imim', 'incomplete']
+PAPERS = ['imim', 'incomplete', 'crossscale']
 
 
 @pytest.mark.parametrize('paper', PAPERS)
@@ -61,7 +65,7 @@ def test_full_profile_refuses_samples_and_stand_ins(paper, tmp_path, monkeypatch
     try: _first_data_access(paper, ex)
     except DataNotFoundError as e: pytest.skip(f'no smoke data here: {e}')
     src = ex.data_source()
-    assert src.count('shared-samples') + src.count('smoke-standin') >= 1, src
+    assert any(t in src for t in ('shared-samples', 'package-samples', 'smoke-standin')), src
 
 
 @pytest.mark.parametrize('paper', PAPERS)
@@ -71,6 +75,7 @@ def test_pages_cite_assumptions_that_exist_and_say_smoke_is_not_a_claim(paper):
     assert pages
     for nb in pages:
         src = ''.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'])
+        if 'not reproduced yet' in src: continue        # a placeholder claims nothing
         if nb.stem == 'learning_check': assert "not the paper's protocol" in src, f'{nb.name} must say its settings are its own'
         else: assert 'not claims' in src or 'not comparable' in src, f'{nb.name} must say smoke numbers are not claims'
         assert "device = 'auto'" in src, f"{nb.name}: the parameter cell's device default is 'auto'"
