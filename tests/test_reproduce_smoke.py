@@ -77,7 +77,7 @@ def test_incomplete_writes_every_result_row(smoke):
     for fig in ('figure_5', 'figure_6'): assert (out/'figures'/'incomplete'/f'{fig}.png').is_file()
 
 
-@pytest.mark.parametrize('paper', ['imim', 'incomplete'])
+@pytest.mark.parametrize('paper', ['imim', 'incomplete', 'crossscale'])
 def test_learning_checks_meet_their_thresholds(smoke, paper):
     "Each paper's learning_check page recorded every check, and each meets its threshold: the pipelines learn."
     import importlib
