@@ -670,6 +670,26 @@ class Segmenter(_Head):
             out['loss'] = masked_cross_entropy(logits, batch['mask'].long(), ignore_index=self.ignore_index)
         return out
 
+    @torch.no_grad()
+    def slide(self, batch: Mapping, window: int, stride: int | None = None) -> torch.Tensor:
+        "Logits `[B, K, H, W]` from `window`-px tiles every `stride` px (default: `window`; the last tile touches the edge), averaged where tiles overlap; an image smaller than `window` is zero-padded."
+        names = present_modalities(batch, self.backbone.names, 'Segmenter')
+        stride = stride or window
+        if not 0 < stride <= window: raise ValueError(f'Segmenter.slide: stride={stride} must be in (0, window={window}]')
+        H, W = batch[names[0]].shape[-2:]
+        Hp, Wp = max(H, window), max(W, window)
+        x = {n: F.pad(batch[n], (0, Wp - W, 0, Hp - H)) for n in names}
+        ref = x[names[0]]
+        out = ref.new_zeros(ref.shape[0], self.num_classes, Hp, Wp, dtype=torch.float32)
+        count = ref.new_zeros(1, 1, Hp, Wp, dtype=torch.float32)
+        starts = lambda n: sorted(set(range(0, n - window, stride)) | {n - window})
+        for y in starts(Hp):
+            for x0 in starts(Wp):
+                tile = {n: v[..., y:y + window, x0:x0 + window] for n, v in x.items()}
+                out[..., y:y + window, x0:x0 + window] += self(tile)['logits'].float()
+                count[..., y:y + window, x0:x0 + window] += 1
+        return (out / count)[..., :H, :W]
+
 # %% ../nbs/api/26_crossscale.ipynb #19101934
 def load_backbone(pretrained: nn.Module, checkpoint=None, **backbone_kwargs) -> tuple[nn.Module, LoadReport]:
     "A new backbone of `pretrained`'s configuration with the pre-trained encoder weights (`checkpoint`: file, dict or None = current)."

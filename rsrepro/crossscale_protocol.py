@@ -5,28 +5,32 @@
 # %% ../nbs/api/27_crossscale_protocol.ipynb #549ec0b6
 from __future__ import annotations
 import inspect, time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from .core import DataNotFoundError, RsreproError
 from .crossscale import (BIGEARTHNET_MODALITIES, DINOMM, CrossScaleFusionMAE, FusMAE, MultiLabelClassifier,
-                                SatViTMAE, load_backbone)
-from .data import BigEarthNetMM, bigearthnet_smoke_samples, collate_multimodal
+                                SatViTMAE, SceneClassifier, Segmenter, load_backbone)
+from .data import S2_BANDS_BEN, BigEarthNetMM, bigearthnet_smoke_samples, collate_multimodal
+from .fusion_data import C2SEG_BANDS, C2SEG_CLASSES, GLOBE230K_CLASSES, GLOBE230K_EXTRA, C2SegBW, Globe230k, SEN12MS
 from .io import load_weights
-from .metrics import multilabel_map
+from .metrics import SegmentationMeter, multilabel_map, precision_recall_f1, topk_accuracy
+from .multimodal_data import IGNORE_INDEX
 from .protocol import Experiment, Profile, loss_drop, register_profiles
-from .standins import is_sample_source
+from .standins import is_sample_source, smoke_c2seg_bw_root, smoke_globe230k_root, smoke_sen12ms_root
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['ASSUMPTIONS', 'METHODS', 'MODEL_CLASSES', 'SENSORS', 'LABEL_FRACTIONS', 'PROFILES', 'LEARNING', 'Pretrain',
-           'Finetune', 'CrossscaleProfile', 'build_pretrain', 'build_classifier', 'labelled_subset', 'LearningCheck',
-           'InMemory', 'CrossscaleExperiment', 'plot_rows']
+__all__ = ['ASSUMPTIONS', 'METHODS', 'MODEL_CLASSES', 'SENSORS', 'LABEL_FRACTIONS', 'DATA', 'SCENE_METRICS',
+           'SEGMENTATION_METRICS', 'PROFILES', 'HEADS', 'LEARNING', 'Pretrain', 'Finetune', 'CrossscaleProfile',
+           'build_pretrain', 'build_downstream', 'build_classifier', 'labelled_subset', 'LearningCheck', 'InMemory',
+           'Prepared', 'band_stats', 'CrossscaleExperiment', 'plot_rows', 'plot_segmentations']
 
 # %% ../nbs/api/27_crossscale_protocol.ipynb #0b98db38
 ASSUMPTIONS: dict[str, str] = {
@@ -54,6 +58,38 @@ ASSUMPTIONS: dict[str, str] = {
                       'lambda 0.3-2.0 (Table 8, at ratio in [0.4, 0.6]): one pre-training each, fine-tuned on 100% of '
                       'the labels with S1 + S2',
     'weights evaluated': 'the last step; no model selection',
+    'SEN12MS pre-training': "Table 3 fine-tunes the encoders pre-trained on BigEarthNet-MM (Table 2's): SEN12MS has the same "
+                            'sensors, and the surviving text names no other pre-training data. SEN12MS S2 has 13 bands; '
+                            "B10 (cirrus), which BigEarthNet leaves out, is dropped so that the 12 bands meet BigEarthNet's "
+                            'patch embedding in the same order',
+    'SEN12MS input': "S1 + S2, 100% of the official training list; the 256 x 256 patches bilinearly resized to 128 x 128 "
+                     "(16 x 16 patches of 8 px, near the pre-training's 15 x 15); the reader's scaling (S2 / 10000, S1 "
+                     'dB clipped to [-25, 0] then / 25 + 1); evaluated on the official test list',
+    'SEN12MS labels': 'single-label: argmax of the simplified (10-class) IGBP probabilities, as in schmitt-muc/SEN12MS',
+    'SEN12MS metrics': 'Top-1 and Top-3 accuracy over the test patches; precision, recall and F1 averaged over classes '
+                       'weighted by their number of test patches (sklearn\'s "weighted"): the published recall equals '
+                       'the published Top-1 accuracy in every row, which weighted recall does by construction, so we '
+                       'read the paper the same way (macro is selectable)',
+    'segmentation pre-training': 'C2Seg-BW (HSI 116 bands, MSI 4, SAR 2) and Globe230k (RGB and its extra layers) have '
+                                 'sensors BigEarthNet lacks, so each method pre-trains again on the training images of '
+                                 'that dataset (no labels), with the same recipe, on random crops of the training size',
+    'segmentation head': 'the shared `Segmenter`: simple feature pyramid on the ViT map, FPN-style fusion, 1x1 '
+                         'classifier (the surviving fragment "SegForm-" of Table 4 suggests a SegFormer-style head; we '
+                         'do not know its configuration), cross-entropy with unlabelled pixels ignored',
+    'segmentation input': 'per-band standardisation with the mean and standard deviation of up to `stats_samples` '
+                          'training images; random crops of the training size (C2Seg-BW 128 px, Globe230k 256 px in '
+                          '`full`); inference by sliding windows of that size over the whole image, every two thirds of a '
+                          'window (the stride mmsegmentation configs commonly use), logits averaged where windows overlap',
+    'C2Seg-BW setting': 'HSI + MSI + SAR, 13 classes, background (label 0) ignored; trained on the train split, scored '
+                        'on the val split (the challenge withholds the test labels); mIoU over the classes present',
+    'Globe230k setting': 'RGB + NDVI + DEM + VV/VH (every layer the dataset distributes; the abstract calls the method '
+                         'multimodal but does not list the layers); 512 x 512 tiles at 1 m, patch 16 on 256-px '
+                         'crops; 10 classes, label 0 ignored; trained on train, scored on test',
+    'segmentation metrics': 'mIoU and mF1: means over the classes present in the prediction or the ground truth of the '
+                            'scored split; OA: correctly classified labelled pixels / labelled pixels; one confusion '
+                            'matrix accumulated over every pixel of the split',
+    'Table 4 rows': 'the four methods of Tables 2 and 3 fine-tuned with HSI + MSI + SAR; the published rows and columns '
+                    'are lost, so these row names are ours',
 }
 
 METHODS = {'Dino-MM (2022)': 'dinomm', 'SatViT (2022)': 'satvit', 'Fus-MAE (2024)': 'fusmae',
@@ -61,29 +97,50 @@ METHODS = {'Dino-MM (2022)': 'dinomm', 'SatViT (2022)': 'satvit', 'Fus-MAE (2024
 MODEL_CLASSES = {'dinomm': DINOMM, 'satvit': SatViTMAE, 'fusmae': FusMAE, 'crossscale': CrossScaleFusionMAE}
 SENSORS = {'S1': ('s1',), 'S2': ('s2',), 'S1+S2': ('s1', 's2')}
 LABEL_FRACTIONS = {'100% labels': 1.0, '1% labels': 0.01}
+# every downstream dataset: its task, the modalities the readers give (name -> bands), its classes, the dataset its
+# encoders pre-train on, and the split that is scored
+DATA: dict[str, dict] = {
+    'bigearthnet': dict(title='BigEarthNet-MM', task='multilabel', modalities=dict(BIGEARTHNET_MODALITIES), classes=19,
+                        pretrain='bigearthnet', eval_split='test'),
+    'sen12ms': dict(title='SEN12MS', task='scene', modalities={'s1': 2, 's2': len(S2_BANDS_BEN)}, classes=10,
+                    pretrain='bigearthnet', eval_split='test'),
+    'c2seg_bw': dict(title='C2Seg-BW', task='segmentation', modalities=dict(C2SEG_BANDS), classes=len(C2SEG_CLASSES),
+                     pretrain='c2seg_bw', eval_split='val'),
+    'globe230k': dict(title='Globe230k', task='segmentation', modalities={'rgb': 3, **GLOBE230K_EXTRA},
+                      classes=len(GLOBE230K_CLASSES), pretrain='globe230k', eval_split='test'),
+}
+SCENE_METRICS = ('Top1-Acc', 'Top3-Acc', 'Precision', 'Recall', 'F1-score')
+SEGMENTATION_METRICS = ('mIoU', 'OA', 'mF1')
 
 # %% ../nbs/api/27_crossscale_protocol.ipynb #158e61e5
 def _num(x) -> str: return f'{x:g}'.replace('.', 'p')
 
 @dataclass(frozen=True)
 class Pretrain:
-    "One pre-training: `method` (a value of `METHODS`) and, for 'crossscale', its switches, crop ratio and lambda."
+    "One pre-training: `method` (a value of `METHODS`), for 'crossscale' its switches, crop ratio and lambda; `data` it pre-trains on."
     method: str = 'crossscale'
     cross_attention_fusion: bool = True
     cross_modality_fusion: bool = True
     cross_scale_contrastive: bool = True
     contrastive_weight: float = 0.5
     crop_ratio: float | tuple[float, float] = (0.4, 0.6)
+    data: str = 'bigearthnet'
 
     def __post_init__(self):
         if self.method not in MODEL_CLASSES:
             raise ValueError(f'Pretrain: method={self.method!r}; use one of {tuple(MODEL_CLASSES)}')
-        defaults = {f.name: f.default for f in fields(self) if f.name != 'method'}
+        sources = sorted({d['pretrain'] for d in DATA.values()})
+        if self.data not in sources: raise ValueError(f'Pretrain: data={self.data!r}; pre-training data is one of {sources}')
+        defaults = {f.name: f.default for f in fields(self) if f.name not in ('method', 'data')}
         if self.method != 'crossscale' and any(getattr(self, k) != v for k, v in defaults.items()):
             raise ValueError(f'Pretrain: the switches belong to the method of the paper, not to {self.method!r}')
 
     @property
     def key(self) -> str:
+        base = self._key()
+        return base if self.data == 'bigearthnet' else f'{self.data}-{base}'
+
+    def _key(self) -> str:
         if self.method != 'crossscale': return self.method
         r = self.crop_ratio
         parts = ['crossscale', 'caf' if self.cross_attention_fusion else 'nocaf',
@@ -101,21 +158,30 @@ class Pretrain:
 
 @dataclass(frozen=True)
 class Finetune:
-    "One multi-label classifier on BigEarthNet-MM: its pre-training, the `sensors` it sees, the fraction of labels."
+    "One downstream model on `data` (default BigEarthNet-MM): its pre-training, the `sensors` it sees ('S1+S2', 'HSI+MSI+SAR', ...), the fraction of labels."
     pretrain: Pretrain = Pretrain()
     sensors: str = 'S1+S2'
     labels: float = 1.0
+    data: str = 'bigearthnet'
 
     def __post_init__(self):
-        if self.sensors not in SENSORS: raise ValueError(f'Finetune: sensors={self.sensors!r}; use one of {tuple(SENSORS)}')
+        if self.data not in DATA: raise ValueError(f'Finetune: data={self.data!r}; use one of {tuple(DATA)}')
+        known, m = DATA[self.data]['modalities'], self.modalities
+        if not m or set(m) - set(known) or len(set(m)) != len(m):
+            raise ValueError(f"Finetune: sensors={self.sensors!r} on {self.data}: join distinct names of "
+                             f"{tuple(k.upper() for k in known)} with '+'")
+        if self.pretrain.data != DATA[self.data]['pretrain']:
+            raise ValueError(f"Finetune on {self.data} starts from a pre-training on {DATA[self.data]['pretrain']!r}, "
+                             f'got Pretrain(data={self.pretrain.data!r})')
         if not 0 < self.labels <= 1: raise ValueError(f'Finetune: labels={self.labels!r} must be a fraction in (0, 1]')
 
     @property
-    def modalities(self) -> tuple[str, ...]: return SENSORS[self.sensors]
+    def modalities(self) -> tuple[str, ...]: return tuple(s.strip().lower() for s in self.sensors.split('+'))
 
     @property
     def key(self) -> str:
-        return f"{self.pretrain.key}__{self.sensors.replace('+', '').lower()}_lab{_num(100 * self.labels)}"
+        base = f"{self.pretrain.key}__{self.sensors.replace('+', '').lower()}_lab{_num(100 * self.labels)}"
+        return base if self.data == 'bigearthnet' else f'{self.data}__{base}'
 
 # %% ../nbs/api/27_crossscale_protocol.ipynb #7eb9e70c
 @dataclass(kw_only=True)
@@ -126,6 +192,10 @@ class CrossscaleProfile(Profile):
     finetune: TrainConfig
     eval_batch: int = 64
     max_eval: int | None = None      # evaluate on at most this many test patches (None: all)
+    # the other downstream datasets: `size` (px: SEN12MS resize, segmentation crop and window), model overrides
+    # (`patch_size`) for the datasets that pre-train on themselves, and `modalities` used
+    downstream: dict = field(default_factory=dict)
+    stats_samples: int = 64          # training images whose per-band mean / std standardise a segmentation dataset
 
 _FULL_MODEL = dict(img_size=120, patch_size=8, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256,
                    decoder_depth=4, decoder_num_heads=8)
@@ -142,9 +212,13 @@ def _profiles() -> dict[str, CrossscaleProfile]:
                            schedule='constant', log_every=1, amp='none')
     smoke_ft = TrainConfig(max_steps=3, batch_size=4, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=0,
                            schedule='constant', log_every=1, amp='none')
-    return {'full': CrossscaleProfile(name='full', model=_FULL_MODEL, pretrain=pt, finetune=ft),
+    full_ds = {'sen12ms': dict(size=128), 'c2seg_bw': dict(size=128),
+               'globe230k': dict(size=256, patch_size=16, modalities=('rgb', 'ndvi', 'dem', 'vvvh'))}
+    smoke_ds = {'sen12ms': dict(size=128), 'c2seg_bw': dict(size=120),          # the stand-in's images are 120 px
+                'globe230k': dict(size=128, modalities=('rgb', 'ndvi'))}          # the stand-in has no DEM or VV/VH
+    return {'full': CrossscaleProfile(name='full', model=_FULL_MODEL, pretrain=pt, finetune=ft, downstream=full_ds),
             'smoke': CrossscaleProfile(name='smoke', model=_SMOKE_MODEL, pretrain=smoke_pt, finetune=smoke_ft,
-                                       eval_batch=16, require_full_data=False)}
+                                       eval_batch=16, require_full_data=False, downstream=smoke_ds, stats_samples=8)}
 
 PROFILES = register_profiles('crossscale', _profiles())
 
@@ -158,11 +232,20 @@ def build_pretrain(p: Pretrain, model: dict | None = None, modalities: dict = BI
     if 'total_steps' in names and total_steps: kw['total_steps'] = total_steps
     return cls(modalities=modalities, **kw)
 
+HEADS = {'multilabel': MultiLabelClassifier, 'scene': SceneClassifier, 'segmentation': Segmenter}
+
+def build_downstream(f: Finetune, model: dict | None = None, modalities: dict | None = None, checkpoint=None) -> nn.Module:
+    "The head of `f.data`'s task on `f.pretrain`'s encoder (sizes `model`, pre-training `modalities`; `checkpoint`: the pre-trained weights, None = random)."
+    d = DATA[f.data]
+    mods = modalities or DATA[d['pretrain']]['modalities']
+    backbone, report = load_backbone(build_pretrain(f.pretrain, model, mods), checkpoint)
+    if checkpoint is not None: print(f'{f.pretrain.key}: {report}')
+    extra = {'ignore_index': IGNORE_INDEX} if d['task'] == 'segmentation' else {}
+    return HEADS[d['task']](backbone, num_classes=d['classes'], **extra)
+
 def build_classifier(p: Pretrain, model: dict | None = None, checkpoint=None) -> MultiLabelClassifier:
     "A 19-class multi-label classifier on `p`'s encoder (`checkpoint`: the pre-trained weights; None = random)."
-    backbone, report = load_backbone(build_pretrain(p, model), checkpoint)
-    if checkpoint is not None: print(f'{p.key}: {report}')
-    return MultiLabelClassifier(backbone, num_classes=19)
+    return build_downstream(Finetune(p), model, checkpoint=checkpoint)
 
 def labelled_subset(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
     "A seeded random `fraction` of `ds` (at least one sample); `ds` itself for 1.0."
@@ -197,13 +280,55 @@ class InMemory(Dataset):
     "A small dataset decoded once and kept in memory (the smoke samples: every run of a page reuses them)."
     def __init__(self, ds: Dataset):
         self.samples = [ds[i] for i in range(len(ds))]
-        for a in ('data_source', 'classes', 'modalities', 'ids'):
+        for a in ('data_source', 'classes', 'modalities', 'ids', 'root'):
             if hasattr(ds, a): setattr(self, a, getattr(ds, a))
     def __len__(self): return len(self.samples)
     def __getitem__(self, i): return self.samples[i]
 
+class Prepared(Dataset):
+    "Samples of `ds` with `modalities` standardised (`stats`: name -> (mean, std) per band), then resized to `resize` px or randomly cropped to `crop` px (padding: zeros, mask `IGNORE_INDEX`); `targets=False` drops label and mask."
+    def __init__(self, ds: Dataset, modalities: Sequence[str], stats: dict | None = None, resize: int | None = None,
+                 crop: int | None = None, targets: bool = True):
+        self.ds, self.modalities, self.resize, self.crop, self.targets = ds, tuple(modalities), resize, crop, targets
+        self.stats = {m: (torch.tensor(mu, dtype=torch.float32)[:, None, None], torch.tensor(sd, dtype=torch.float32)[:, None, None])
+                      for m, (mu, sd) in (stats or {}).items() if m in self.modalities}
+        self.data_source = getattr(ds, 'data_source', None)
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        s = self.ds[i]
+        out = {k: v for k, v in s.items() if k not in self.modalities and (self.targets or k not in ('label', 'mask'))}
+        for m in self.modalities:
+            x = s[m].float()
+            if m in self.stats: x = (x - self.stats[m][0]) / self.stats[m][1]
+            if self.resize: x = F.interpolate(x[None], size=(self.resize, self.resize), mode='bilinear', align_corners=False)[0]
+            out[m] = x
+        if self.crop:
+            c = self.crop; H, W = out[self.modalities[0]].shape[-2:]
+            pad = (0, max(c - W, 0), 0, max(c - H, 0))
+            y0, x0 = (int(torch.randint(max(n - c, 0) + 1, ())) for n in (H, W))
+            for k in (*self.modalities, 'mask'):
+                if k not in out: continue
+                v = F.pad(out[k], pad, value=IGNORE_INDEX if k == 'mask' else 0.) if any(pad) else out[k]
+                out[k] = v[..., y0:y0 + c, x0:x0 + c]
+        return out
+
+def band_stats(ds: Dataset, modalities: Sequence[str], n: int = 64) -> dict[str, tuple[list[float], list[float]]]:
+    "Per-band mean and standard deviation (finite values) of `modalities` over up to `n` evenly spaced samples of `ds`."
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
+    acc = {m: [0., 0., 0.] for m in modalities}                # count, sum, sum of squares, per band
+    for i in idx:
+        s = ds[i]
+        for m in modalities:
+            x = s[m].double().flatten(1); ok = torch.isfinite(x); x = torch.where(ok, x, 0.)
+            a = acc[m]; a[0] = a[0] + ok.sum(1); a[1] = a[1] + x.sum(1); a[2] = a[2] + (x * x).sum(1)
+    out = {}
+    for m, (k, s1, s2) in acc.items():
+        k = torch.as_tensor(k).clamp_min(1); mu = s1 / k
+        out[m] = (mu.tolist(), (s2 / k - mu * mu).clamp_min(0).sqrt().clamp_min(1e-6).tolist())
+    return out
+
 class CrossscaleExperiment(Experiment):
-    "Cached, resumable pre-training, fine-tuning and evaluation of *crossscale*'s BigEarthNet-MM settings."
+    "Cached, resumable pre-training, fine-tuning and evaluation of *crossscale*'s settings (BigEarthNet-MM, SEN12MS, C2Seg-BW, Globe230k)."
     paper = 'crossscale'
 
     def __init__(self, *args, **kwargs):
@@ -227,21 +352,71 @@ class CrossscaleExperiment(Experiment):
         return cfg.max_steps or cfg.epochs * max(1, n // cfg.batch_size)
 
     # ---- runs ----
+    # ---- the other downstream datasets ----
+    def setting(self, data: str) -> dict:
+        "The profile's `size`, `modalities` (name -> bands) and model sizes for `data` (its pre-training's for SEN12MS)."
+        d = self.profile.downstream.get(data, {})
+        known = DATA[data]['modalities']
+        mods = {m: known[m] for m in d.get('modalities', known)}
+        src = DATA[data]['pretrain']
+        model = dict(self.profile.model)
+        if src == data and data != 'bigearthnet':
+            model.update(img_size=d['size'], **{k: v for k, v in d.items() if k not in ('size', 'modalities')})
+        return dict(size=d.get('size'), modalities=mods, model=model if src == data else self.setting(src)['model'],
+                    pretrain_modalities=mods if src == data else self.setting(src)['modalities'])
+
+    def read(self, data: str, split: str, modalities: Sequence[str] | None = None) -> Dataset:
+        "The reader of `data`'s `split` (decoded once and kept in memory when it is the smoke stand-in)."
+        if data == 'bigearthnet': return self.dataset(split, modalities or ('s1', 's2'))
+        title = DATA[data]['title']
+        mods = tuple(modalities or self.setting(data)['modalities'])
+        key = (data, split, mods)
+        if key in self._samples: return self.use(title, self._samples[key])
+        kw = dict(split=split, modalities=mods, data_root=self.data_root)
+        if data == 'sen12ms': build, standin = (lambda root=None: SEN12MS(root=root, s2_bands=S2_BANDS_BEN, **kw)), smoke_sen12ms_root
+        elif data == 'c2seg_bw': build, standin = (lambda root=None: C2SegBW(root=root, **kw)), smoke_c2seg_bw_root
+        else: build, standin = (lambda root=None: Globe230k(root=root, **kw)), smoke_globe230k_root
+        ds = self.open_dataset(title, build, standin)
+        if not self.profile.require_full_data and is_sample_source(self.sources[title]):
+            ds = self._samples[key] = InMemory(ds)
+        return ds
+
+    def stats(self, data: str) -> dict | None:
+        "Per-band mean / std of a segmentation dataset's training images (cached per profile); None for the others."
+        if DATA[data]['task'] != 'segmentation': return None
+        mods = tuple(self.setting(data)['modalities'])
+        ds = self.read(data, 'train', mods)
+        return self.cached(self.root/'stats'/f'{data}_{self.profile.name}.json',
+                           lambda: band_stats(ds, mods, self.profile.stats_samples))
+
+    def prepared(self, data: str, split: str, modalities: Sequence[str] | None = None, train: bool = True,
+                 targets: bool = True) -> Dataset:
+        "`data`'s `split` as the models see it: standardised, resized (SEN12MS) or cropped (segmentation, training)."
+        if data == 'bigearthnet': return self.read(data, split, modalities)
+        s = self.setting(data); mods = tuple(modalities or s['modalities'])
+        seg = DATA[data]['task'] == 'segmentation'
+        return Prepared(self.read(data, split, mods), mods, self.stats(data), resize=None if seg else s['size'],
+                        crop=s['size'] if seg and train else None, targets=targets)
+
     def pretrain(self, p: Pretrain) -> Path:
-        "Pre-train `p` on the training patches (or resume, or reuse when finished); returns the weights file."
-        ds = self.dataset('train')
+        "Pre-train `p` on its data's training images (or resume, or reuse when finished); returns the weights file."
+        ds = self.dataset('train') if p.data == 'bigearthnet' else self.prepared(p.data, 'train', targets=False)
+        s = self.setting(p.data) if p.data != 'bigearthnet' else dict(model=self.profile.model, modalities=BIGEARTHNET_MODALITIES)
         cfg = self.profile.pretrain
-        build = lambda: build_pretrain(p, self.profile.model, total_steps=self._steps(cfg, len(ds)))
+        build = lambda: build_pretrain(p, s['model'], s['modalities'], total_steps=self._steps(cfg, len(ds)))
         return self.train(build, ds, cfg, self.root/'pretrain'/p.key, asdict(p), collate_fn=collate_multimodal)
 
-    def build(self, f: Finetune, checkpoint=None) -> MultiLabelClassifier:
-        return build_classifier(f.pretrain, self.profile.model, checkpoint)
+    def build(self, f: Finetune, checkpoint=None) -> nn.Module:
+        if f.data == 'bigearthnet': return build_classifier(f.pretrain, self.profile.model, checkpoint)
+        s = self.setting(f.data)
+        return build_downstream(f, s['model'], s['pretrain_modalities'], checkpoint)
 
     def finetune(self, f: Finetune) -> Path:
         "Fine-tune `f` from its pre-training (resumable); returns the weights file."
         run = self.root/'finetune'/f.key
         ck = self.pretrain(f.pretrain) if not self.finished(run) else None
-        ds = labelled_subset(self.dataset('train', f.modalities), f.labels, self.seed)
+        train = self.dataset('train', f.modalities) if f.data == 'bigearthnet' else self.prepared(f.data, 'train', f.modalities)
+        ds = labelled_subset(train, f.labels, self.seed)
         return self.train(lambda: self.build(f, ck), ds, self.profile.finetune, run, asdict(f),
                           collate_fn=collate_multimodal)
 
@@ -276,6 +451,47 @@ class CrossscaleExperiment(Experiment):
             return {'mAP': 100.0 * multilabel_map(s, y, average=average), 'samples': len(ds), 'average': average,
                     'seconds': time.perf_counter() - t0, 'source': self.data_source()}
         return self.cached(run/f'eval_{average}.json', compute, after=run/'done.json')['mAP']
+
+    def eval_set(self, f: Finetune) -> Dataset:
+        "The scored split of `f.data` as `f` sees it (no random crop)."
+        ds = self.prepared(f.data, DATA[f.data]['eval_split'], f.modalities, train=False)
+        n = self.profile.max_eval
+        return Subset(ds, range(min(n, len(ds)))) if n else ds
+
+    @torch.no_grad()
+    def segment(self, f: Finetune, model: Segmenter, sample: dict) -> torch.Tensor:
+        "Predicted class map `[H, W]` of one prepared sample of `f.data`: sliding windows of the profile's size, stride 2/3 of it."
+        dev = next(model.parameters()).device
+        batch = {m: sample[m][None].to(dev) for m in f.modalities}
+        size = self.setting(f.data)['size']
+        return model.slide(batch, size, stride=max(1, 2 * size // 3)).argmax(1)[0].cpu()
+
+    def scores(self, f: Finetune, average: str | None = None) -> dict[str, float]:
+        "Scores (%) of `f` on its data's scored split, cached in its run folder: BigEarthNet mAP; SEN12MS Top-1 / Top-3 accuracy, precision, recall, F1 (`average`, default weighted); segmentation mIoU, OA, mF1."
+        if f.data == 'bigearthnet': return {'mAP': self.evaluate(f, average or 'macro')}
+        task, K = DATA[f.data]['task'], DATA[f.data]['classes']
+        average = average or 'weighted'
+        run = self.root/'finetune'/f.key
+        ds = self.eval_set(f)                        # records the data source even when cached
+        def compute():
+            t0, model = time.perf_counter(), self.load(f)
+            if task == 'scene':
+                s, y = self.predict(model, ds, f.modalities)
+                top1, top3 = topk_accuracy(s, y, (1, 3))
+                prf = precision_recall_f1(s.argmax(1), y, K, average)
+                out = dict(zip(SCENE_METRICS, [100 * v for v in (top1, top3, prf['precision'], prf['recall'], prf['f1'])]))
+            else:
+                meter = SegmentationMeter(K, IGNORE_INDEX)
+                for i in range(len(ds)):
+                    smp = ds[i]
+                    meter.update(self.segment(f, model, smp)[None], smp['mask'][None])
+                r = meter.compute()
+                out = {'mIoU': 100 * r['miou'], 'OA': 100 * r['oa'], 'mF1': 100 * r['mf1']}
+            return {**out, 'samples': len(ds), 'average': average if task == 'scene' else 'classes present',
+                    'seconds': time.perf_counter() - t0, 'source': self.data_source()}
+        name = f'eval_{average}.json' if task == 'scene' else 'eval_segmentation.json'
+        r = self.cached(run/name, compute, after=run/'done.json')
+        return {k: r[k] for k in (SCENE_METRICS if task == 'scene' else SEGMENTATION_METRICS)}
 
     # ---- does it learn? (learning_check.ipynb) ----
     def _check(self):
@@ -336,3 +552,26 @@ def plot_rows(ours: dict[str, dict[str, float]], published: dict[str, dict[str, 
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+def plot_segmentations(images: Sequence, truths: Sequence, predictions: dict[str, Sequence], classes: Sequence[str],
+                       title: str = '', smoke: bool = False, ignore_index: int = IGNORE_INDEX):
+    "One row per tile: the image (`[H, W, 3]` in [0, 1]), the ground truth, then each model's class map, in one palette (unlabelled pixels white)."
+    import matplotlib.pyplot as plt
+    import numpy as np
+    K = len(classes); cmap = plt.get_cmap('tab10' if K <= 10 else 'tab20', K)
+    cols = ['image', 'ground truth', *predictions]
+    fig, axes = plt.subplots(len(images), len(cols), figsize=(2.1 * len(cols), 2.1 * len(images) + 0.9), squeeze=False)
+    for r, img in enumerate(images):
+        panels = [img, truths[r], *[p[r] for p in predictions.values()]]
+        for c, (ax, x) in enumerate(zip(axes[r], panels)):
+            if c == 0: ax.imshow(np.clip(np.asarray(img, dtype=float), 0, 1))
+            else: ax.imshow(np.ma.masked_equal(np.asarray(x), ignore_index), cmap=cmap, vmin=-.5, vmax=K - .5,
+                            interpolation='nearest')
+            ax.set_xticks([]); ax.set_yticks([])
+            if r == 0: ax.set_title(cols[c], fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(k)) for k in range(K)]
+    fig.legend(handles, list(classes), loc='lower center', ncol=min(K, 5), fontsize=7, frameon=False)
+    fig.suptitle(title + (' (smoke: not comparable)' if smoke else ''), fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    return fig
+

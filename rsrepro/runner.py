@@ -179,6 +179,7 @@ def status_table(out: str | Path = 'results', root: str | Path | None = None):
         elif not run: status = 'not run'
         elif run['status'] != 'ok': status = run['status']
         elif profs: status = f'reproduced ({profs})'
+        elif c['status'] == 'missing_from_extraction': status = 'ran ok (numbers lost in the extraction: nothing to reproduce)'
         else: status = 'ran ok' + (' (no result rows)' if c['kind'] == 'table' else '')
         rows.append(dict(paper=c['paper'], kind=c['kind'], id=c['id'], title=c['title'], published=c['status'],
                          notebook=nbp, status=status, seconds=run.get('seconds')))

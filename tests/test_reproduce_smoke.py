@@ -90,3 +90,20 @@ def test_learning_checks_meet_their_thresholds(smoke, paper):
     assert (res.profile == 'smoke').all() and res.data_source.str.len().gt(0).all()
     low = [(r.row, r.column, round(r.value, 1), need[r.row]) for r in res.itertuples() if not r.value >= need[r.row]]
     assert not low, f'{paper} does not learn: {low}'
+
+
+def test_crossscale_writes_every_result_row(smoke):
+    "crossscale: every published cell of Tables 2, 3, 6-8 and the abstract gets a smoke value; Table 4 (numbers lost) the four methods' rows; Figure 3 is drawn."
+    from rsrepro.crossscale_protocol import METHODS, SEGMENTATION_METRICS
+    from rsrepro.published import load
+    from rsrepro.results import load_results
+    out, s, _ = smoke
+    res = load_results(out, 'crossscale')
+    for t in ('2', '3', '6', '7', '8', 'abstract'):
+        pub, got = load('crossscale', t), res[res.table == t]
+        assert set(zip(pub.row, pub.column)) == set(zip(got.row, got.column)), t
+    t4 = res[res.table == '4']
+    assert set(zip(t4.row, t4.column)) == {(r, f'HSI+MSI+SAR / {m}') for r in METHODS for m in SEGMENTATION_METRICS}
+    assert (res.profile == 'smoke').all() and res.data_source.str.len().gt(0).all()
+    assert res[res.table.isin(['3', '4', 'abstract'])].data_source.str.contains('smoke-standin').all()
+    assert (out/'figures'/'crossscale'/'figure_3.png').is_file()
