@@ -45,10 +45,11 @@ def cmd_tables(a) -> int:
 def cmd_reproduce(a) -> int:
     from rsrepro.runner import reproduce
     s = reproduce(profile=a.profile, paper=a.paper, only=a.only, device=a.device, data_root=a.data_root,
-                  out=a.out, seed=a.seed, resume=a.resume, timeout=a.timeout)
+                  out=a.out, seed=a.seed, force=a.force, timeout=a.timeout)
     failed = [r for r in s['runs'] if r['status'] == 'failed']
-    total = sum(r['seconds'] for r in s['runs'])
-    print(f"\n{s['n_ok']} notebooks passed, {len(failed)} failed, {total:.0f}s of notebook time; summary: {a.out}/summary.md")
+    ran = [r for r in s['runs'] if not r.get('kept')]
+    print(f"\n{s['n_ok']} notebooks passed ({s['n_kept']} kept unchanged), {len(failed)} failed, "
+          f"{sum(r['seconds'] for r in ran):.0f}s of notebook time; summary: {a.out}/summary.md")
     for r in failed:
         print(f"FAILED {r['notebook']}: cell {r['failed_cell']}: {r['error']}\n       see {r['output']}", file=sys.stderr)
     return 1 if failed else 0
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: auto (CUDA when there is one, else CPU); 'cuda' fails where there is none")
     s.add_argument('--data-root', default=None, help='where the full datasets live (default: $RSREPRO_DATA)')
     s.add_argument('--out', default='results'); s.add_argument('--seed', type=int, default=0)
-    s.add_argument('--resume', action='store_true', help='skip notebooks that already passed with the same parameters')
+    s.add_argument('--force', action='store_true',
+                   help='rerun every selected notebook (by default a notebook that passed is kept while it, its '
+                        'parameters and the library are unchanged)')
+    s.add_argument('--resume', action='store_true', help=argparse.SUPPRESS)   # the default now; kept for old scripts
     s.add_argument('--timeout', type=int, default=None, help='per-cell timeout in seconds')
     s.set_defaults(fn=cmd_reproduce)
     s = sub.add_parser('site', help='build the site from _quarto.yml (Quarto if installed, else pure Python)')

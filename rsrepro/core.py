@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/00_core.ipynb #6f3659e0
 from __future__ import annotations
-import contextlib, datetime, os, random, subprocess, tempfile, warnings
+import contextlib, datetime, functools, hashlib, os, random, subprocess, tempfile, warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,8 +17,8 @@ warnings.filterwarnings('ignore', message='IProgress not found')
 
 # %% auto #0
 __all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'atomic_write', 'atomic_torch_save',
-           'seed_everything', 'repo_root', 'git_commit', 'utc_now', 'get_device', 'image_batch', 'Registry',
-           'create_model', 'list_models']
+           'seed_everything', 'repo_root', 'code_version', 'git_commit', 'utc_now', 'get_device', 'image_batch',
+           'Registry', 'create_model', 'list_models']
 
 # %% ../nbs/api/00_core.ipynb #710c9885
 class RsreproError(Exception):
@@ -68,6 +68,18 @@ def repo_root(start: str | os.PathLike | None = None) -> Path | None:
     for p in [Path(start or Path.cwd()).resolve(), *Path(start or Path.cwd()).resolve().parents]:
         if (p/'settings.ini').is_file() and (p/'nbs').is_dir(): return p
     return None
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    "Content hash (16 hex digits) of the rsrepro package in use, its modules and resources: what a page was produced with."
+    import rsrepro
+    pkg = Path(rsrepro.__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(pkg.rglob('*')):
+        if p.is_file() and p.suffix in ('.py', '.csv', '.json', '.yaml', '.yml') and '__pycache__' not in p.parts \
+                and p.name != '_modidx.py':                 # the index nbdev writes: cell ids, no code
+            h.update(str(p.relative_to(pkg)).encode() + b'\0' + p.read_bytes() + b'\0')
+    return h.hexdigest()[:16]
 
 def git_commit(path: str | os.PathLike | None = None) -> str:
     "Short commit hash of the repo at `path`, `+'-dirty'` if it has uncommitted changes, or `'unknown'`."

@@ -5,10 +5,10 @@
 # %% ../nbs/api/09_runner.ipynb #80fbffd7
 from __future__ import annotations
 import hashlib, json, os, sys, time, traceback
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
-from .core import RsreproError, atomic_write, get_device, git_commit, repo_root, utc_now
+from .core import RsreproError, atomic_write, code_version, get_device, git_commit, repo_root, utc_now
 
 # %% auto #0
 __all__ = ['PAPERS', 'NOT_REPRODUCED', 'nbs_root', 'find_notebooks', 'NotebookRun', 'write_summary', 'load_summary',
@@ -58,6 +58,8 @@ class NotebookRun:
     source_sha1: str = ''
     parameters: dict = field(default_factory=dict)
     finished: str = ''
+    library: str = ''           # `code_version()` of the rsrepro package that ran it
+    kept: bool = False          # True: not rerun, its inputs had not changed since this successful run
 
 def _sha1(p: Path) -> str: return hashlib.sha1(p.read_bytes()).hexdigest()[:16]
 
@@ -85,7 +87,12 @@ def write_summary(out: Path, runs: list[NotebookRun], meta: dict) -> None:
              '| notebook | status | seconds | failing cell |', '|---|---|---|---|']
     for r in runs:
         cell = f"cell {r.failed_cell}: {r.error}" if r.status == 'failed' else ''
-        lines.append(f'| {r.notebook} | {r.status} | {r.seconds:.1f} | {cell.replace("|", "/")} |')
+        status = f'{r.status} (kept from {r.finished})' if r.kept else r.status
+        lines.append(f'| {r.notebook} | {status} | {r.seconds:.1f} | {cell.replace("|", "/")} |')
+    ran = [r for r in runs if not r.kept]
+    lines += ['', f'{len(ran)} notebooks ran in {sum(r.seconds for r in ran):.0f} s; {len(runs) - len(ran)} kept from earlier '
+              f'runs (unchanged notebook, parameters and library); {sum(r.seconds for r in runs):.0f} s of notebook time '
+              'for the whole set.']
     with atomic_write(out/'summary.md') as f: f.write('\n'.join(lines) + '\n')
 
 def load_summary(out: str | Path) -> dict | None:
@@ -101,7 +108,8 @@ def run_notebook(nb: Path, out: Path, params: dict, nbs: Path, timeout: int | No
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'.running.{dest.name}')
     t0 = time.time()
-    r = NotebookRun(notebook=str(rel), status='ok', output=str(dest), source_sha1=_sha1(nb), parameters=params)
+    r = NotebookRun(notebook=str(rel), status='ok', output=str(dest), source_sha1=_sha1(nb), parameters=params,
+                    library=code_version())
     os.environ['RSREPRO_REPRODUCE'] = '1'
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters=params, kernel_name='python3', cwd=str(nbs.parent),
@@ -119,9 +127,9 @@ def run_notebook(nb: Path, out: Path, params: dict, nbs: Path, timeout: int | No
 
 def reproduce(profile: str = 'smoke', paper: str | None = None, only: list[str] | None = None,
               device: str | None = None, data_root: str | None = None, out: str | Path = 'results', seed: int = 0,
-              resume: bool = False, timeout: int | None = None, root: str | Path | None = None,
-              progress: bool = True) -> dict:
-    "Run the selected narrative notebooks; returns the summary dict (see `write_summary`)."
+              force: bool = False, timeout: int | None = None, root: str | Path | None = None,
+              progress: bool = True, resume: bool | None = None) -> dict:
+    "Run the selected notebooks, keeping any whose notebook, parameters and library are unchanged since its last successful run (`force`: rerun all); returns the summary dict (see `write_summary`)."
     from tqdm.auto import tqdm
     if profile not in ('smoke', 'full'): raise RsreproError(f"profile must be 'smoke' or 'full', got {profile!r}")
     device = str(get_device(device or 'auto'))     # one device decision: CUDA asked for where there is none fails here
@@ -133,23 +141,37 @@ def reproduce(profile: str = 'smoke', paper: str | None = None, only: list[str] 
                   device=device, seed=int(seed), out_dir=str(out))
     meta = dict(profile=profile, device=device, seed=int(seed), data_root=params['data_root'],
                 git_commit=git_commit(nbs.parent), started=utc_now(), python=sys.version.split()[0])
-    previous = {r['notebook']: r for r in (load_summary(out) or {}).get('runs', [])} if resume else {}
-    runs: list[NotebookRun] = []
+    known = {f.name for f in fields(NotebookRun)}
+    previous = {r['notebook']: NotebookRun(**{k: v for k, v in r.items() if k in known})
+                for r in (load_summary(out) or {}).get('runs', [])}
+    selected = [str(nb.relative_to(nbs)) for nb in notebooks]
+    done: dict[str, NotebookRun] = {}
+    def summary():   # the selected notebooks in order, then earlier runs of notebooks not selected this time
+        rest = [r for k, r in previous.items() if k not in selected and (nbs/k).is_file()]
+        write_summary(out, [done[k] for k in selected if k in done] + rest, meta)
+    lib = code_version()
     bar = tqdm(notebooks, desc=f'reproduce ({profile})', unit='nb', disable=not progress, file=sys.stdout)
-    for nb in bar:
-        rel = str(nb.relative_to(nbs)); bar.set_postfix_str(rel)
+    for nb, rel in zip(bar, selected):
+        bar.set_postfix_str(rel)
         prev = previous.get(rel)
-        if prev and prev['status'] == 'ok' and prev['source_sha1'] == _sha1(nb) and prev['parameters'] == params:
-            runs.append(NotebookRun(**{**prev, 'status': 'ok'})); continue
+        if (not force and prev is not None and prev.status == 'ok' and prev.source_sha1 == _sha1(nb)
+                and prev.parameters == params and prev.library == lib and Path(prev.output).is_file()):
+            done[rel] = replace(prev, kept=True)
+            bar.write(f'kept   {rel} (unchanged since its run of {prev.finished}; --force reruns it)')
+            continue
         r = run_notebook(nb, out, params, nbs, timeout)
-        runs.append(r)
+        done[rel] = r
         msg = f"{'ok    ' if r.status == 'ok' else 'FAILED'} {rel} ({r.seconds:.1f}s)"
         if r.status == 'failed': msg += f"\n       failing cell {r.failed_cell}: {r.error}\n       executed copy: {r.output}"
         bar.write(msg)
-        write_summary(out, runs, meta)
+        summary()
     meta['finished'] = utc_now()
-    write_summary(out, runs, meta)
-    return load_summary(out)
+    summary()
+    s = load_summary(out)
+    s['runs'] = [r for r in s['runs'] if r['notebook'] in selected]     # what this call selected
+    s['n_ok'], s['n_failed'] = (sum(r['status'] == k for r in s['runs']) for k in ('ok', 'failed'))
+    s['n_kept'] = sum(bool(r.get('kept')) for r in s['runs'])
+    return s
 
 # %% ../nbs/api/09_runner.ipynb #03a06246
 def status_table(out: str | Path = 'results', root: str | Path | None = None):

@@ -57,18 +57,44 @@ def test_cli_exit_status_names_the_failure(tree, tmp_path, capsys, monkeypatch):
     assert rc == 1 and 'table_II' in err and 'cell 2' in err
 
 
-def test_only_and_resume(tree, tmp_path):
+def test_only_and_kept_unless_inputs_change(tree, tmp_path, monkeypatch, capsys):
+    "A page that passed is kept while its notebook, parameters and library are unchanged; any change, or --force, reruns it."
+    import rsrepro.runner as runner
     out = tmp_path/'o2'
     assert [p.name for p in find_notebooks(tree, only=['table_1'])] == ['table_1.ipynb']
     with pytest.raises(Exception, match='no notebook'): find_notebooks(tree, only=['table_IX'])
     marker = out/'ran_I.txt'
-    reproduce(out=out, root=tree, only=['imim/table_I'], progress=False)
-    assert marker.read_text() == 'smoke cpu 0'
-    marker.unlink()
-    reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, progress=False)
-    assert not marker.exists(), 'resume skips a notebook that passed with the same parameters'
-    reproduce(out=out, root=tree, only=['imim/table_I'], resume=True, seed=1, progress=False)
-    assert marker.read_text() == 'smoke cpu 1', 'changed parameters re-run the notebook'
+    def run(**kw):
+        if marker.exists(): marker.unlink()
+        s = reproduce(out=out, root=tree, only=['imim/table_I'], progress=False, **kw)
+        return marker.exists(), s
+    ran, s = run()
+    assert ran and marker.read_text() == 'smoke cpu 0' and not s['runs'][0]['kept']
+    ran, s = run()
+    assert not ran and s['runs'][0]['kept'] and s['n_ok'] == 1 and s['n_kept'] == 1, 'unchanged: kept, not rerun'
+    assert 'kept   papers/imim/table_I.ipynb' in capsys.readouterr().out
+    assert '(kept from' in (out/'summary.md').read_text()
+    assert run(force=True)[0], '--force reruns it'
+    assert run(seed=1)[0] and marker.read_text() == 'smoke cpu 1', 'changed parameters rerun it'
+    assert not run(seed=1)[0]
+    monkeypatch.setattr(runner, 'code_version', lambda: 'another-library')
+    assert run(seed=1)[0], 'a changed library reruns it'
+    nb = tree/'nbs/papers/imim/table_I.ipynb'
+    nb.write_text(nb.read_text().replace('ran_I', 'ran_I'), encoding='utf-8')
+    assert not run(seed=1)[0]
+    nb.write_text(nb.read_text() + '\n', encoding='utf-8')
+    assert run(seed=1)[0], 'a changed notebook reruns it'
+    reproduce(out=out, root=tree, only=['mutdet/table_1'], seed=1, progress=False)
+    kept = {r['notebook'] for r in json.loads((out/'summary.json').read_text())['runs']}
+    assert kept == {'papers/imim/table_I.ipynb', 'papers/mutdet/table_1.ipynb'}, 'a partial run keeps the others in the summary'
+
+
+def test_a_failed_page_is_always_rerun(tree, tmp_path):
+    out = tmp_path/'o3'
+    s1 = reproduce(out=out, root=tree, only=['imim/table_II'], progress=False)
+    s2 = reproduce(out=out, root=tree, only=['imim/table_II'], progress=False)
+    assert s1['runs'][0]['status'] == s2['runs'][0]['status'] == 'failed' and not s2['runs'][0]['kept']
+    assert s2['runs'][0]['finished'] != '' and s2['n_failed'] == 1
 
 
 def test_published_cli_csv(capsys):
