@@ -400,14 +400,13 @@ class CrossscaleExperiment(Experiment):
 
     def pretrain(self, p: Pretrain) -> Path:
         "Pre-train `p` on its data's training images (or resume, or reuse when finished); returns the weights file."
-        ds = self.dataset('train') if p.data == 'bigearthnet' else self.prepared(p.data, 'train', targets=False)
-        s = self.setting(p.data) if p.data != 'bigearthnet' else dict(model=self.profile.model, modalities=BIGEARTHNET_MODALITIES)
+        ds = self.prepared(p.data, 'train', targets=False)
+        s = self.setting(p.data)
         cfg = self.profile.pretrain
         build = lambda: build_pretrain(p, s['model'], s['modalities'], total_steps=self._steps(cfg, len(ds)))
         return self.train(build, ds, cfg, self.root/'pretrain'/p.key, asdict(p), collate_fn=collate_multimodal)
 
     def build(self, f: Finetune, checkpoint=None) -> nn.Module:
-        if f.data == 'bigearthnet': return build_classifier(f.pretrain, self.profile.model, checkpoint)
         s = self.setting(f.data)
         return build_downstream(f, s['model'], s['pretrain_modalities'], checkpoint)
 
@@ -415,8 +414,7 @@ class CrossscaleExperiment(Experiment):
         "Fine-tune `f` from its pre-training (resumable); returns the weights file."
         run = self.root/'finetune'/f.key
         ck = self.pretrain(f.pretrain) if not self.finished(run) else None
-        train = self.dataset('train', f.modalities) if f.data == 'bigearthnet' else self.prepared(f.data, 'train', f.modalities)
-        ds = labelled_subset(train, f.labels, self.seed)
+        ds = labelled_subset(self.prepared(f.data, 'train', f.modalities), f.labels, self.seed)
         return self.train(lambda: self.build(f, ck), ds, self.profile.finetune, run, asdict(f),
                           collate_fn=collate_multimodal)
 
