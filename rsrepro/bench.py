@@ -4,19 +4,22 @@
 
 # %% ../nbs/api/11_bench.ipynb #a26417ef
 from __future__ import annotations
-import functools, importlib, math, platform, statistics, time
-from typing import Iterable
+import contextlib, functools, importlib, inspect, math, os, platform, statistics, time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
 
 import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .core import MODELS, RsreproError, create_model, get_device, seed_everything
+from .core import MODELS, RsreproError, atomic_write, create_model, get_device, seed_everything
 from .train import amp_dtype
 
 # %% auto #0
-__all__ = ['EXTRA_FLOP_FORMULAS', 'BENCH_COLUMNS', 'flop_counter', 'count_flops', 'matmul_peak', 'device_name', 'bench',
-           'format_bench']
+__all__ = ['EXTRA_FLOP_FORMULAS', 'BENCH_METHODS', 'BENCH_COLUMNS', 'VARIANTS', 'CUDA_ONLY', 'flop_counter', 'count_flops',
+           'matmul_peak', 'BenchMethod', 'device_name', 'bench', 'format_bench', 'bench_variants', 'write_bench',
+           'device_slug', 'load_reference_mae', 'bench_reference', 'format_reference']
 
 # %% ../nbs/api/11_bench.ipynb #784db214
 _aten = torch.ops.aten
@@ -63,10 +66,79 @@ def matmul_peak(device: str | torch.device = 'auto', dtype: torch.dtype | None =
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     return _matmul_peak(device, dtype, n or (8192 if cuda else 2048), iters or (20 if cuda else 4))
 
+# %% ../nbs/api/11_bench.ipynb #32d332da
+@dataclass(frozen=True)
+class BenchMethod:
+    "A pre-training method as benchmarked: who uses it, its configuration in words, a builder, a random-batch maker."
+    paper: str
+    config: str
+    build: Callable[[], torch.nn.Module]
+    batch: Callable[[int, torch.device], dict]
+    img_size: int
+    in_chans: int
+
+def _images(c: int, s: int):
+    return lambda B, dev: {'image': torch.randn(B, c, s, s, device=dev)}
+
+def _bands(s: int, **bands: int):
+    return lambda B, dev: {k: torch.randn(B, c, s, s, device=dev) for k, c in bands.items()}
+
+def _registered(module: str, name: str, **kw):
+    def build():
+        importlib.import_module(module)
+        return create_model(name, **kw)
+    return build
+
+def _incomplete():
+    from rsrepro.incomplete import DFC2023_MODALITIES, IncompletePretrain, incomplete_vit_tiny_patch16
+    return IncompletePretrain(incomplete_vit_tiny_patch16(modalities=DFC2023_MODALITIES, img_size=256))
+
+def _crossscale(cls: str, **kw):
+    def build():
+        m = importlib.import_module('rsrepro.crossscale')
+        return getattr(m, cls)(img_size=120, patch_size=8, embed_dim=384, depth=12, num_heads=6, **kw)
+    return build
+
+_MAE_REF = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128,
+                decoder_depth=2, decoder_num_heads=16, mlp_ratio=4., norm_pix_loss=True)
+_MAE_DEC = dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=16, norm_pix_loss=True)
+_S12 = dict(s1=2, s2=12)
+
+BENCH_METHODS: dict[str, BenchMethod] = {
+    'mae': BenchMethod('reference', 'MAE ViT-T/16 (192-d x 12), decoder 128-d x 2, 224 px, RGB, mask 0.75, norm-pix loss '
+                       '(the config of the side-by-side with facebookresearch/mae)',
+                       _registered('rsrepro.mae', 'mae_vit_tiny_patch16', img_size=224, in_chans=3, **_MAE_DEC),
+                       _images(3, 224), 224, 3),
+    'imim_conventional': BenchMethod('imim', 'conventional Swin-T MIM (SimMIM-style), 256 px, RGB+IR, mask patches 32',
+                                     _registered('rsrepro.imim', 'imim_swin_tiny_conventional', img_size=256, in_chans=4,
+                                                 mask_patch_size=32), _images(4, 256), 256, 4),
+    'imim_interactive': BenchMethod('imim', 'interactive Swin-T MIM (masked queries), 256 px, RGB+IR, mask patches 32',
+                                    _registered('rsrepro.imim', 'imim_swin_tiny_interactive', img_size=256, in_chans=4,
+                                                mask_patch_size=32), _images(4, 256), 256, 4),
+    'incomplete': BenchMethod('incomplete', 'multimodal ViT-T/16 with fusion tokens and Dirichlet masking, SAR+RGB+DSM, '
+                              '256 px', _incomplete, _bands(256, sar=1, rgb=3, dsm=1), 256, 5),
+    'crossscale': BenchMethod('crossscale', 'CAF + CMF + cross-scale contrastive, ViT-S/8 (384-d x 12), S1+S2, 120 px',
+                              _crossscale('CrossScaleFusionMAE', decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+                              _bands(120, **_S12), 120, 14),
+    'crossscale_dinomm': BenchMethod('crossscale', 'DINO-MM baseline, ViT-S/8, 2 global + 8 local crops, S1+S2 stacked',
+                                     _crossscale('DINOMM'), _bands(120, **_S12), 120, 14),
+    'crossscale_satvit': BenchMethod('crossscale', 'SatViT baseline, MAE on stacked S1+S2, ViT-S/8',
+                                     _crossscale('SatViTMAE', decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+                                     _bands(120, **_S12), 120, 14),
+    'crossscale_fusmae': BenchMethod('crossscale', 'Fus-MAE baseline, cross-attention early fusion, ViT-S/8',
+                                     _crossscale('FusMAE', decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+                                     _bands(120, **_S12), 120, 14),
+}
+
+
 # %% ../nbs/api/11_bench.ipynb #fe8f38c0
 BENCH_COLUMNS = ['model', 'device', 'device_name', 'dtype', 'batch_size', 'img_size', 'in_chans', 'params_M',
                  'steps', 'step_time_s', 'images_per_s', 'gflop_per_step', 'gflop_per_image', 'achieved_tflops',
-                 'peak_tflops', 'mfu', 'max_mem_gb', 'threads', 'torch']
+                 'peak_tflops', 'mfu', 'max_mem_gb', 'threads', 'torch', 'paper', 'config', 'variant']
+
+# the speed switches `bench/gpu.sh` measures alone and together (flash attention needs bf16 or fp16)
+VARIANTS = {'fp32': {}, 'bf16': dict(amp='bf16'), 'compile': dict(compile=True), 'fused_adamw': dict(fused=True),
+            'flash': dict(amp='bf16', sdpa='flash'), 'all': dict(amp='bf16', compile=True, fused=True, sdpa='flash')}
 
 def device_name(device: torch.device) -> str:
     "A readable name for `device`: the GPU model, or the CPU's processor string."
@@ -83,10 +155,33 @@ def _ensure_registered(name: str):
         importlib.import_module('rsrepro.mae')
     MODELS.get(name)         # a clear error listing the known names
 
-def bench(models: Iterable[str] = ('mae_vit_tiny_patch16', 'mae_vit_small_patch16'), device: str = 'auto',
-          batch_size: int | None = None, img_size: int = 224, in_chans: int = 3, steps: int | None = None,
-          warmup: int | None = None, amp: str = 'auto', seed: int = 0) -> pd.DataFrame:
-    "Time one MAE pre-training step (forward, backward, AdamW) per model; one row per model, see `BENCH_COLUMNS`."
+def _sdpa_context(sdpa: str | None):
+    if sdpa is None: return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kinds = {'flash': SDPBackend.FLASH_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION, 'math': SDPBackend.MATH}
+    if sdpa not in kinds: raise RsreproError(f'bench: sdpa={sdpa!r}; use one of {tuple(kinds)} or None')
+    return sdpa_kernel(kinds[sdpa])
+
+def _dtype_name(adt) -> str: return 'bf16' if adt == torch.bfloat16 else 'fp16' if adt == torch.float16 else 'fp32'
+
+def _step_fn(model: torch.nn.Module, loss_of: Callable, dev: torch.device, adt, compile: bool = False,
+             fused: bool = False, sdpa: str | None = None) -> Callable[[], None]:
+    "One pre-training step of `model` (forward under autocast and the SDPA backend, backward, AdamW with MAE's betas and decay): the thing `bench` and `bench_reference` time."
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, **({'fused': True} if fused else {}))
+    fwd = torch.compile(model) if compile else model
+    def step():
+        with torch.autocast(dev.type, dtype=adt, enabled=adt is not None), _sdpa_context(sdpa):
+            loss = loss_of(fwd)
+        loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+    return step
+
+def bench(models: Iterable[str] = tuple(BENCH_METHODS), device: str = 'auto', batch_size: int | None = None,
+          img_size: int = 224, in_chans: int = 3, steps: int | None = None, warmup: int | None = None,
+          amp: str = 'auto', seed: int = 0, compile: bool = False, fused: bool = False, sdpa: str | None = None,
+          variant: str = '') -> pd.DataFrame:
+    "Time one pre-training step (forward, backward, AdamW) per method of `BENCH_METHODS` or registered MAE-style model (`img_size`, `in_chans`, batch `{'image'}`); one row each, see `BENCH_COLUMNS`."
     dev = get_device(device)
     if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
     cuda = dev.type == 'cuda'
@@ -98,22 +193,25 @@ def bench(models: Iterable[str] = ('mae_vit_tiny_patch16', 'mae_vit_small_patch1
     peak = matmul_peak(dev, adt or torch.float32)
     rows = []
     for name in models:
-        _ensure_registered(name)
         seed_everything(seed)
-        model = create_model(name, img_size=img_size, in_chans=in_chans).to(dev).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        batch = {'image': torch.randn(batch_size, in_chans, img_size, img_size, device=dev)}
-
-        def step():
-            with torch.autocast(dev.type, dtype=adt, enabled=adt is not None):
-                out = model(batch)
+        if name in BENCH_METHODS:
+            m = BENCH_METHODS[name]
+            model, batch = m.build(), m.batch(batch_size, dev)
+            isz, ich, paper, config = m.img_size, m.in_chans, m.paper, m.config
+        else:
+            _ensure_registered(name)
+            model = create_model(name, img_size=img_size, in_chans=in_chans)
+            batch = {'image': torch.randn(batch_size, in_chans, img_size, img_size, device=dev)}
+            isz, ich, paper, config = img_size, in_chans, 'registered model', f'{name}, {img_size} px, {in_chans} bands'
+        model = model.to(dev).train()
+        def loss_of(fwd, name=name, batch=batch):
+            out = fwd(batch)
             if not isinstance(out, dict) or 'loss' not in out:
-                raise RsreproError(f"bench: model {name!r} must return a dict with 'loss' for a batch {{'image': ...}}")
-            out['loss'].backward()
-            opt.step(); opt.zero_grad(set_to_none=True)
-
+                raise RsreproError(f"bench: model {name!r} must return a dict with 'loss' for a batch of {sorted(batch)}")
+            return out['loss']
+        step = _step_fn(model, loss_of, dev, adt, compile, fused, sdpa)
         if cuda: torch.cuda.reset_peak_memory_stats(dev)
+        if compile: step()                             # compile outside the counted step
         flops = count_flops(step)                      # the first warm-up step, counted
         for _ in range(warmup - 1): step()
         _sync(dev)
@@ -122,30 +220,165 @@ def bench(models: Iterable[str] = ('mae_vit_tiny_patch16', 'mae_vit_small_patch1
             t = time.perf_counter(); step(); _sync(dev); times.append(time.perf_counter() - t)
         st = statistics.median(times)
         achieved = flops / st / 1e12
-        rows.append({'model': name, 'device': str(dev), 'device_name': device_name(dev),
-                     'dtype': 'bf16' if adt == torch.bfloat16 else 'fp16' if adt == torch.float16 else 'fp32',
-                     'batch_size': batch_size, 'img_size': img_size, 'in_chans': in_chans,
+        rows.append({'model': name, 'device': str(dev), 'device_name': device_name(dev), 'dtype': _dtype_name(adt),
+                     'batch_size': batch_size, 'img_size': isz, 'in_chans': ich,
                      'params_M': sum(p.numel() for p in model.parameters()) / 1e6, 'steps': steps,
                      'step_time_s': st, 'images_per_s': batch_size / st, 'gflop_per_step': flops / 1e9,
                      'gflop_per_image': flops / 1e9 / batch_size, 'achieved_tflops': achieved,
                      'peak_tflops': peak, 'mfu': achieved / peak,
                      'max_mem_gb': torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float('nan'),
-                     'threads': torch.get_num_threads(), 'torch': torch.__version__})
-        del model, opt, batch
+                     'threads': torch.get_num_threads(), 'torch': torch.__version__, 'paper': paper, 'config': config,
+                     'variant': variant})
+        del model, batch, step
         if cuda: torch.cuda.empty_cache()
     return pd.DataFrame(rows, columns=BENCH_COLUMNS)
 
-def format_bench(df: pd.DataFrame) -> str:
-    "A plain-text table of `bench`'s result, with the device, dtype, threads and torch version in a header line."
+def format_bench(df: pd.DataFrame, fmt: str = 'text') -> str:
+    "`bench`'s result as plain text or a markdown table (`fmt='md'`, the site's performance page), with the device, dtype, threads and torch version in a header line."
+    if fmt not in ('text', 'md'): raise RsreproError(f"format_bench: fmt={fmt!r}; use 'text' or 'md'")
     if df.empty: return '(no models benchmarked)'
     r0 = df.iloc[0]
     head = (f"device: {r0['device']} ({r0['device_name']}), {r0['dtype']}, {r0['threads']} threads, torch {r0['torch']}; "
             f"measured matmul peak {r0['peak_tflops']:.3g} TFLOP/s")
-    cols = {'model': 'model', 'batch_size': 'batch', 'img_size': 'img', 'params_M': 'params (M)',
+    cols = {'model': 'method', 'paper': 'paper', 'batch_size': 'batch', 'img_size': 'img', 'params_M': 'params (M)',
             'step_time_s': 'step (s)', 'images_per_s': 'img/s', 'gflop_per_image': 'GFLOP/img (fwd+bwd)',
             'achieved_tflops': 'TFLOP/s', 'mfu': 'MFU'}
+    if df['variant'].astype(str).str.len().gt(0).any(): cols = {'variant': 'variant', 'dtype': 'dtype', **cols}
     t = df[list(cols)].rename(columns=cols)
-    fmt = {'params (M)': '{:.1f}', 'step (s)': '{:.4f}', 'img/s': '{:.1f}', 'GFLOP/img (fwd+bwd)': '{:.2f}',
-           'TFLOP/s': '{:.3f}', 'MFU': '{:.1%}'}
-    for c, f in fmt.items(): t[c] = t[c].map(f.format)
-    return head + '\n' + t.to_string(index=False)
+    fmts = {'params (M)': '{:.1f}', 'step (s)': '{:.4f}', 'img/s': '{:.1f}', 'GFLOP/img (fwd+bwd)': '{:.2f}',
+            'TFLOP/s': '{:.3f}', 'MFU': '{:.1%}'}
+    for c, f in fmts.items(): t[c] = t[c].map(f.format)
+    if fmt == 'text': return head + '\n' + t.to_string(index=False)
+    lines = [head, '', '| ' + ' | '.join(t.columns) + ' |', '|' + '---|' * len(t.columns)]
+    lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in t.itertuples(index=False)]
+    lines += ['', 'Methods: ' + '; '.join(f'`{m}`: {c}' for m, c in dict(zip(df['model'], df['config'])).items())]
+    return '\n'.join(lines)
+
+
+# the switches that only pay (or only exist) on CUDA: `bench/gpu.sh --cpu` skips the variants that use them
+CUDA_ONLY = ('amp', 'compile', 'sdpa')
+
+def bench_variants(models: Iterable[str] = tuple(BENCH_METHODS), variants: Iterable[str] = tuple(VARIANTS),
+                   device: str = 'auto', skip_cuda_only: bool = False, progress: bool = False, **kw) -> pd.DataFrame:
+    "`bench` once per variant of `VARIANTS` (each speed switch alone, then together), one row per method and variant; `skip_cuda_only` leaves out the variants that use a switch of `CUDA_ONLY`."
+    if isinstance(variants, str): variants = (variants,)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown: raise RsreproError(f'bench: unknown variant(s) {unknown}; known: {tuple(VARIANTS)}')
+    todo = [v for v in variants if not (skip_cuda_only and any(k in VARIANTS[v] for k in CUDA_ONLY))]
+    if not todo: raise RsreproError(f'bench: every variant of {tuple(variants)} needs CUDA and skip_cuda_only is set')
+    dfs = []
+    for v in todo:
+        if progress: print(f'bench: variant {v} ({VARIANTS[v] or "plain fp32"})', flush=True)
+        dfs.append(bench(models, device=device, variant=v, **{'amp': 'none', **kw, **VARIANTS[v]}))
+    return pd.concat(dfs, ignore_index=True)
+
+def write_bench(text: str, path: str | os.PathLike) -> Path:
+    "Write a formatted bench result to `path` atomically (the folder is made); returns the path."
+    path = Path(path)
+    with atomic_write(path) as f: f.write(text.rstrip('\n') + '\n')
+    return path
+
+def device_slug(device: str | torch.device = 'auto') -> str:
+    "A file-name form of the device's name, e.g. `nvidia_h100_80gb_hbm3` or `cpu_amd_epyc`."
+    dev = get_device(device)
+    name = device_name(dev if dev.type != 'cuda' or dev.index is not None else torch.device('cuda', torch.cuda.current_device()))
+    slug = '_'.join(''.join(ch if ch.isalnum() else ' ' for ch in name.lower()).split())
+    return slug if dev.type == 'cuda' else f'cpu_{slug}'
+
+# %% ../nbs/api/11_bench.ipynb #a50126cc
+class _NumpyFloat:
+    "Context: `np.float` (removed in numpy 1.24, still used by the official MAE's `util/pos_embed.py`) as the alias it was."
+    def __enter__(self):
+        import numpy as np
+        self.np, self.had = np, hasattr(np, 'float')
+        if not self.had: np.float = float
+    def __exit__(self, *exc):
+        if not self.had: del self.np.float
+
+def load_reference_mae(reference: str | os.PathLike, **kwargs) -> tuple[torch.nn.Module, list[str]]:
+    "The official `MaskedAutoencoderViT` of a facebookresearch/mae snapshot at `reference` (default: the bench config); and the compatibility shims used."
+    import sys
+    from functools import partial
+    root = Path(reference).expanduser().resolve()
+    if not (root/'models_mae.py').is_file() or not (root/'util'/'pos_embed.py').is_file():
+        raise RsreproError(f'bench --reference: {root} is not a facebookresearch/mae snapshot (need models_mae.py and '
+                           'util/pos_embed.py); clone https://github.com/facebookresearch/mae and pass its folder')
+    sys.path.insert(0, str(root))
+    try:
+        for m in ('models_mae', 'util', 'util.pos_embed'): sys.modules.pop(m, None)   # a fresh copy of this snapshot
+        mod = importlib.import_module('models_mae')
+    finally: sys.path.remove(str(root))
+    shims = []
+    from timm.models.vision_transformer import Block
+    if 'qk_scale' not in inspect.signature(Block.__init__).parameters:
+        class _Block(Block):               # qk_scale=None means the default 1/sqrt(d) scaling, which timm's Block uses
+            def __init__(self, *a, qk_scale=None, **kw):
+                if qk_scale is not None: raise RsreproError('reference MAE: qk_scale other than None is not supported')
+                super().__init__(*a, **kw)
+        mod.Block = _Block
+        shims.append("timm's Block without qk_scale (None = the default scaling)")
+    cfg = {**{k: v for k, v in _MAE_REF.items() if k != 'norm_pix_loss'}, 'norm_pix_loss': True,
+           'norm_layer': partial(torch.nn.LayerNorm, eps=1e-6), **kwargs}
+    import numpy as np
+    if not hasattr(np, 'float'): shims.append('np.float = float while building (numpy >= 1.24 removed the alias)')
+    with _NumpyFloat(): model = mod.MaskedAutoencoderViT(**cfg)
+    return model, shims
+
+def bench_reference(reference: str | os.PathLike, device: str = 'auto', batch_size: int = 32, steps: int | None = None,
+                    warmup: int | None = None, amp: str = 'auto', seed: int = 0, compile: bool = False,
+                    fused: bool = False, sdpa: str | None = None) -> dict:
+    "rsrepro's MAE beside the official one, same config, batch and autocast, steps interleaved in one process; `ratio` = official step time / ours (> 1: ours is faster). `compile`, `fused` and `sdpa` apply to rsrepro's step only (the official one runs as its code does)."
+    dev = get_device(device)
+    if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
+    cuda = dev.type == 'cuda'
+    steps = steps or (20 if cuda else 5)
+    warmup = max(1, warmup if warmup is not None else (5 if cuda else 1))
+    adt = amp_dtype(amp, dev)
+    seed_everything(seed)
+    ours = BENCH_METHODS['mae'].build().to(dev).train()
+    seed_everything(seed)
+    ref, shims = load_reference_mae(reference)
+    ref = ref.to(dev).train()
+    imgs = torch.randn(batch_size, 3, 224, 224, device=dev)
+    steps_fn = {'rsrepro': _step_fn(ours, lambda m: m({'image': imgs})['loss'], dev, adt, compile, fused, sdpa),
+                'official': _step_fn(ref, lambda m: m(imgs, mask_ratio=0.75)[0], dev, adt)}
+    if compile: steps_fn['rsrepro']()                # compile outside the counted step
+    flops = {k: count_flops(f) for k, f in steps_fn.items()}
+    for _ in range(warmup - 1):
+        for f in steps_fn.values(): f()
+    times = {k: [] for k in steps_fn}
+    for _ in range(steps):                          # interleaved: both see the same machine state
+        for k, f in steps_fn.items():
+            _sync(dev); t = time.perf_counter(); f(); _sync(dev); times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    switches = ', '.join(s for s, on in (('torch.compile', compile), ('fused AdamW', fused), (f'SDPA {sdpa}', sdpa)) if on)
+    return {'device': str(dev), 'device_name': device_name(dev), 'batch_size': batch_size, 'steps': steps,
+            'dtype': _dtype_name(adt), 'switches': switches or 'none',
+            'step_time_s': med, 'images_per_s': {k: batch_size / v for k, v in med.items()},
+            'gflop_per_step': {k: v / 1e9 for k, v in flops.items()}, 'ratio': med['official'] / med['rsrepro'],
+            'params_M': {'rsrepro': sum(p.numel() for p in ours.parameters()) / 1e6,
+                         'official': sum(p.numel() for p in ref.parameters()) / 1e6},
+            'config': BENCH_METHODS['mae'].config, 'shims': shims, 'reference': str(Path(reference).resolve()),
+            'threads': torch.get_num_threads(), 'torch': torch.__version__}
+
+def format_reference(r: dict, fmt: str = 'text') -> str:
+    "The side-by-side as text, or as a markdown table (`fmt='md'`)."
+    if fmt == 'md':
+        rows = [f"| {k} | {r['step_time_s'][k]:.4f} | {r['images_per_s'][k]:.1f} | {r['gflop_per_step'][k]:.1f} |"
+                for k in ('official', 'rsrepro')]
+        return '\n'.join([f"MAE beside the official `models_mae.py` on {r['device']} ({r['device_name']}), {r['dtype']}, "
+                          f"batch {r['batch_size']}, {r['steps']} interleaved steps, {r['threads']} threads, rsrepro's "
+                          f"switches: {r['switches']}. {r['config']}.", '',
+                          '| code | step (s) | img/s | GFLOP/step |', '|---|---|---|---|', *rows, '',
+                          f"**Ratio (official step time / rsrepro step time): {r['ratio']:.3f}**"
+                          + (f" (shims for the official code: {'; '.join(r['shims'])})" if r['shims'] else '')])
+    if fmt != 'text': raise RsreproError(f"format_reference: fmt={fmt!r}; use 'text' or 'md'")
+    lines = [f"MAE side by side on {r['device']} ({r['device_name']}), {r['dtype']}, batch {r['batch_size']}, "
+             f"{r['steps']} interleaved steps, {r['threads']} threads, rsrepro's switches: {r['switches']}; {r['config']}",
+             f"  official ({r['reference']}): {r['step_time_s']['official']:.4f} s/step, "
+             f"{r['images_per_s']['official']:.1f} img/s, {r['gflop_per_step']['official']:.1f} GFLOP/step",
+             f"  rsrepro: {r['step_time_s']['rsrepro']:.4f} s/step, {r['images_per_s']['rsrepro']:.1f} img/s, "
+             f"{r['gflop_per_step']['rsrepro']:.1f} GFLOP/step",
+             f"  ratio (official time / rsrepro time): {r['ratio']:.3f}" + ('  (rsrepro is faster)' if r['ratio'] >= 1 else '')]
+    if r['shims']: lines.append('  compatibility shims for the official code: ' + '; '.join(r['shims']))
+    return '\n'.join(lines)

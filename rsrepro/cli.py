@@ -61,10 +61,23 @@ def cmd_site(a) -> int:
     return 0
 
 def cmd_bench(a) -> int:
-    from rsrepro.bench import bench, format_bench
-    kw = {k: v for k, v in dict(batch_size=a.batch_size, steps=a.steps, img_size=a.img_size).items() if v is not None}
-    df = bench(models=tuple(a.models), device=a.device, **kw)
-    print(format_bench(df))
+    from rsrepro.bench import bench, bench_reference, bench_variants, format_bench, format_reference, write_bench
+    fmt = 'md' if a.format == 'md' else 'text'
+    kw = {k: v for k, v in dict(batch_size=a.batch_size, steps=a.steps, warmup=a.warmup, img_size=a.img_size).items()
+          if v is not None}
+    parts = []
+    if a.reference:
+        sw = dict(compile=a.compile, fused=a.fused, sdpa=a.sdpa)
+        rkw = {k: v for k, v in dict(steps=a.steps, warmup=a.warmup).items() if v is not None}
+        r = bench_reference(a.reference, device=a.device, amp=a.amp, batch_size=a.reference_batch_size, **sw, **rkw)
+        parts.append(format_reference(r, fmt)); print(parts[-1], flush=True)
+    if a.models != ['none']:
+        if a.variants:
+            df = bench_variants(a.models, a.variants, device=a.device, skip_cuda_only=a.skip_cuda_only, progress=True, **kw)
+        else:
+            df = bench(a.models, device=a.device, amp=a.amp, compile=a.compile, fused=a.fused, sdpa=a.sdpa, **kw)
+        parts.append(df.to_csv(index=False) if a.format == 'csv' else format_bench(df, fmt)); print(parts[-1], flush=True)
+    if a.out: print(f'written to {write_bench(chr(10).join(parts), a.out)}')
     return 0
 
 # %% ../nbs/api/12_cli.ipynb #f81dc180
@@ -99,10 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--results', default='results'); s.add_argument('--out', default='_site')
     s.add_argument('--renderer', choices=['auto', 'python', 'quarto'], default='auto')
     s.set_defaults(fn=cmd_site)
-    s = sub.add_parser('bench', help='time an MAE pre-training step: images/s, TFLOP/s, matmul peak, MFU')
-    s.add_argument('--models', nargs='+', default=['mae_vit_tiny_patch16', 'mae_vit_small_patch16'])
+    from rsrepro.bench import BENCH_METHODS, VARIANTS
+    s = sub.add_parser('bench', help='time one pre-training step of every method: images/s, FLOPs, TFLOP/s, MFU; '
+                       'and MAE beside the official code (--reference)')
+    s.add_argument('--models', nargs='+', default=list(BENCH_METHODS),
+                   help=f"methods ({', '.join(BENCH_METHODS)}) or registered MAE-style models; 'none' for only the "
+                        "side-by-side (default: every method)")
+    s.add_argument('--reference', metavar='DIR', help='a facebookresearch/mae snapshot (models_mae.py, util/): time '
+                   "rsrepro's MAE beside it, steps interleaved")
+    s.add_argument('--reference-batch-size', type=int, default=32)
+    s.add_argument('--variants', nargs='+', choices=list(VARIANTS), help='speed switches alone and together '
+                   f"({'; '.join(f'{k}: {v}' for k, v in VARIANTS.items())}); default: one plain run")
+    s.add_argument('--skip-cuda-only', action='store_true', help='with --variants: leave out bf16, compile and flash')
+    s.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'])
+    s.add_argument('--compile', action='store_true'); s.add_argument('--fused', action='store_true')
+    s.add_argument('--sdpa', choices=['flash', 'efficient', 'math'])
+    s.add_argument('--format', choices=['text', 'md', 'csv'], default='text',
+                   help="md: the table of the site's performance page")
+    s.add_argument('--out', help='also write the result to this file (atomically)')
     s.add_argument('--device', default='auto'); s.add_argument('--batch-size', type=int)
-    s.add_argument('--steps', type=int); s.add_argument('--img-size', type=int)
+    s.add_argument('--steps', type=int); s.add_argument('--warmup', type=int); s.add_argument('--img-size', type=int)
     s.set_defaults(fn=cmd_bench)
     return p
 

@@ -70,14 +70,14 @@ def repo_root(start: str | os.PathLike | None = None) -> Path | None:
     return None
 
 @functools.lru_cache(maxsize=None)
-def code_version() -> str:
-    "Content hash (16 hex digits) of the rsrepro package in use, its modules and resources: what a page was produced with."
+def code_version(exclude: tuple[str, ...] = ()) -> str:
+    "Content hash (16 hex digits) of the rsrepro package in use, its modules and resources (less the files named in `exclude`): what a page or a run was produced with."
     import rsrepro
     pkg = Path(rsrepro.__file__).resolve().parent
     h = hashlib.sha256()
     for p in sorted(pkg.rglob('*')):
         if p.is_file() and p.suffix in ('.py', '.csv', '.json', '.yaml', '.yml') and '__pycache__' not in p.parts \
-                and p.name != '_modidx.py':                 # the index nbdev writes: cell ids, no code
+                and p.name != '_modidx.py' and p.name not in exclude:   # _modidx: the index nbdev writes, cell ids
             h.update(str(p.relative_to(pkg)).encode() + b'\0' + p.read_bytes() + b'\0')
     return h.hexdigest()[:16]
 

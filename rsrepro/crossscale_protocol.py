@@ -413,9 +413,9 @@ class CrossscaleExperiment(Experiment):
     def finetune(self, f: Finetune) -> Path:
         "Fine-tune `f` from its pre-training (resumable); returns the weights file."
         run = self.root/'finetune'/f.key
-        ck = self.pretrain(f.pretrain) if not self.finished(run) else None
+        ck = self.pretrain(f.pretrain)
         ds = labelled_subset(self.prepared(f.data, 'train', f.modalities), f.labels, self.seed)
-        return self.train(lambda: self.build(f, ck), ds, self.profile.finetune, run, asdict(f),
+        return self.train(lambda: self.build(f, ck), ds, self.profile.finetune, run, asdict(f), parents=[ck],
                           collate_fn=collate_multimodal)
 
     def load(self, f: Finetune) -> MultiLabelClassifier:
@@ -443,6 +443,7 @@ class CrossscaleExperiment(Experiment):
         "Test mAP (%) of `f`; cached in its run folder's `eval.json`."
         run = self.root/'finetune'/f.key
         ds = self.test_set(f.modalities)             # records the data source even when cached
+        self.finetune(f)                             # trains, or checks that the run in `run` is the one of these inputs
         def compute():
             t0 = time.perf_counter()
             s, y = self.predict(self.load(f), ds, f.modalities)
@@ -471,6 +472,7 @@ class CrossscaleExperiment(Experiment):
         average = average or 'weighted'
         run = self.root/'finetune'/f.key
         ds = self.eval_set(f)                        # records the data source even when cached
+        self.finetune(f)                             # trains, or checks that the run in `run` is the one of these inputs
         def compute():
             t0, model = time.perf_counter(), self.load(f)
             if task == 'scene':

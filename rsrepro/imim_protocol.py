@@ -18,7 +18,7 @@ from .detection_data import AVIID3, DIOR, VEDAI, VEDAI_CLASSES, vedai_to_yolo
 from .core import RsreproError
 from .detector import (DetectorConfig, build_detector, evaluate, load_detector, predict, recalibrate_bn,
                               train_detector)
-from .protocol import Experiment, Profile, loss_drop, register_profiles
+from .protocol import Experiment, Profile, dataset_source, loss_drop, register_profiles
 from .standins import smoke_aviid_root
 from .train import TrainConfig
 
@@ -258,9 +258,11 @@ class ImimExperiment(Experiment):
         "Train detector `f` (resumable); returns the `DetectorRun`."
         run = self.root/'detect'/f.key
         yml = self.detection_yaml(f.bands, f.fold)
+        ck = self.pretrain(f.pretrain) if f.pretrain else None
+        self.claim(run, *self.fingerprint(setting=asdict(f), config=self.config(f), parents=[self.address(ck)] if ck else [],
+                                          data={'source': dataset_source(self.vedai('train', f.bands, f.fold))}))
         if (run/'done.json').is_file():
             return train_detector(None, yml, self.config(f), run)
-        ck = self.pretrain(f.pretrain) if f.pretrain else None
         seed_everything(self.seed)
         model, rep = build_detector(f.arch, nc=len(VEDAI_CLASSES), in_chans=CHANNELS[f.bands],
                                     scale=self.profile.scale, checkpoint=ck, names=VEDAI_CLASSES)
@@ -271,8 +273,8 @@ class ImimExperiment(Experiment):
         "Per-class AP@0.5 and mAP of `f` on its fold's test images (cached in `eval.json`)."
         run = self.root/'detect'/f.key
         self.vedai('test', f.bands, f.fold)      # records the data source even when cached
+        r = self.finetune(f)                     # trains, or checks that the run in `run` is the one of these inputs
         def compute():
-            r = self.finetune(f)
             preds, gts = self.predictions(f, r.weights)
             return {'ap': evaluate(preds, gts, VEDAI_CLASSES), 'images': len(gts), 'weights': str(r.weights),
                     'train_seconds': r.seconds}

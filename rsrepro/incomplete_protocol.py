@@ -250,13 +250,14 @@ class IncompleteExperiment(Experiment):
         "Train `f` (from its pre-training when the paradigm has one); resumable; returns the weights file."
         run = self.root/'finetune'/f.key
         ds = self.dataset(f.data, 'train')
-        ck = self.pretrain(f.pretrain) if f.pretrain and not self.finished(run) else None
+        ck = self.pretrain(f.pretrain) if f.pretrain else None
         def build():
             model = self.build(f)
             if ck is not None: print(f"{f.key}: {load_weights(model.backbone, ck, prefix='backbone.', strict=False)}")
             return model
         groups = [{'prefix': 'backbone.', 'lr_mult': 0.1, 'name': 'backbone'}] if f.pretrain else None
         return self.train(build, ds, self.profile.finetune[f.data], run, asdict(f), collate_fn=collate_multimodal,
+                          parents=[ck] if ck is not None else [],
                           param_groups=groups, seed=self.seed + PARADIGMS[f.paradigm][2].get('seed_offset', 0))
 
     def load(self, f: Finetune) -> IncompleteSegmenter:
@@ -290,6 +291,7 @@ class IncompleteExperiment(Experiment):
         "AP@50 (instance) or mIoU (semantic, LULC) of `f` for every modality combination; cached in `eval.json`."
         run = self.root/'finetune'/f.key
         self.val_set(f.data)          # records the data source even when cached
+        self.finetune(f)              # trains, or checks that the run in `run` is the one of these inputs
         def compute():
             model, scores, t0 = self.load(f), {}, time.perf_counter()
             for combo in modality_combinations(DATA[f.data]):

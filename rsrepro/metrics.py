@@ -74,13 +74,15 @@ def match_detections(iou: torch.Tensor, scores: torch.Tensor, iou_thr: float = 0
     out = np.zeros(P, dtype=np.int64)
     if P == 0 or G == 0: return out
     ign = np.zeros(G, bool) if gt_ignore is None else torch.as_tensor(gt_ignore).bool().cpu().numpy()
-    if matching == 'score':                             # VOC, YOLOv5 v5.0 test.py
-        taken = np.zeros(G, bool)
-        for i in np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable'):
-            j = int(np.argmax(iou[i]))
-            if iou[i, j] < iou_thr: continue            # FP
-            if ign[j]: out[i] = -1                      # difficult: neither TP nor FP
-            elif not taken[j]: out[i] = 1; taken[j] = True
+    if matching == 'score':                             # VOC, YOLOv5 v5.0 test.py, DOTA_devkit; vectorised:
+        order = np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable')
+        j = iou[order].argmax(1)                        # each prediction's best ground truth (first on ties)
+        hit = iou[order, j] >= iou_thr                  # below the threshold: FP
+        cand = np.nonzero(hit & ~ign[j])[0]             # ranks that may claim their ground truth
+        first = cand[np.unique(j[cand], return_index=True)[1]]   # the highest-scored claim of each one: TP
+        flags = np.zeros(P, dtype=np.int64); flags[first] = 1
+        flags[hit & ign[j]] = -1                        # difficult: neither TP nor FP
+        out[order] = flags
         return out
     if ign.any(): raise ValueError(f"matching={matching!r} has no difficult/ignore ground truths; use matching='score'")
     order = np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable')   # NMS output order
@@ -110,43 +112,45 @@ def detection_ap(preds: Sequence[dict], gts: Sequence[dict], iou_thr: float = 0.
     if len(preds) != len(gts): raise ValueError(f'preds has {len(preds)} images but gts has {len(gts)}')
     if method not in AP_METHODS: raise ValueError(f'method={method!r}: expected one of {AP_METHODS}')
     if matching not in MATCHING_RULES: raise ValueError(f'matching={matching!r}: expected one of {MATCHING_RULES}')
-    recs, classes = {}, set()   # class -> list of (score, flag); npos per class
-    npos, npred = {}, {}
+    labels, scores, flags, glabels, gall = [], [], [], [], []   # predictions' class, score, flag; gts' class (counted, all)
     for n, (pd, gt) in enumerate(zip(preds, gts)):
-        pl = torch.as_tensor(_get(pd, 'labels', f'preds[{n}]')).long().reshape(-1)
-        ps = torch.as_tensor(_get(pd, 'scores', f'preds[{n}]')).double().reshape(-1)
+        pl = torch.as_tensor(_get(pd, 'labels', f'preds[{n}]')).detach().cpu().long().reshape(-1)
+        ps = torch.as_tensor(_get(pd, 'scores', f'preds[{n}]')).detach().cpu().double().reshape(-1)
         pb = _get(pd, 'boxes', f'preds[{n}]')
-        gl = torch.as_tensor(_get(gt, 'labels', f'gts[{n}]')).long().reshape(-1)
+        gl = torch.as_tensor(_get(gt, 'labels', f'gts[{n}]')).detach().cpu().long().reshape(-1)
         gb = _get(gt, 'boxes', f'gts[{n}]')
         gi = torch.zeros(len(gl), dtype=torch.bool)
         for k in ('difficult', 'ignore'):
-            if k in gt: gi = gi | torch.as_tensor(gt[k]).bool().reshape(-1)
+            if k in gt: gi = gi | torch.as_tensor(gt[k]).detach().cpu().bool().reshape(-1)
         if not (len(pl) == len(ps) == len(pb)):
             raise ValueError(f'preds[{n}]: {len(pb)} boxes, {len(pl)} labels, {len(ps)} scores must agree')
         if not (len(gl) == len(gb) == len(gi)):
             raise ValueError(f'gts[{n}]: {len(gb)} boxes, {len(gl)} labels, {len(gi)} difficult flags must agree')
-        for c in set(pl.tolist()) | set(gl.tolist()):
-            if num_classes is not None and not 0 <= c < num_classes:
-                raise ValueError(f'image {n}: label {c} outside [0, {num_classes})')
-            pm, gm = pl == c, gl == c
-            cb, cs = pb[pm], ps[pm]
-            iou = iou_fn(cb, gb[gm]) if pm.any() and gm.any() else torch.zeros(int(pm.sum()), int(gm.sum()))
-            flags = match_detections(iou, cs, iou_thr, gi[gm], matching)
-            recs.setdefault(c, []).extend(zip(cs.tolist(), flags.tolist()))
-            npos[c] = npos.get(c, 0) + int((~gi[gm]).sum()); npred[c] = npred.get(c, 0) + int(pm.sum())
-            classes.add(c)
-    classes = range(num_classes) if num_classes is not None else sorted(classes)
-    ap, tps = {}, {}
-    for c in classes:
-        rows = [(s, f) for s, f in recs.get(c, []) if f >= 0]
-        n_gt = npos.get(c, 0); tps[c] = sum(f for _, f in rows)
-        if n_gt == 0: ap[c] = float('nan'); continue
-        s = np.array([r[0] for r in rows]); f = np.array([r[1] for r in rows], dtype=np.float64)
-        o = np.argsort(-s, kind='stable'); tp = np.cumsum(f[o]); k = np.arange(1, len(o) + 1)
-        ap[c] = average_precision(tp / n_gt, tp / k, method)
+        if num_classes is not None and len(both := torch.cat([pl, gl])) and not (0 <= both.min() and both.max() < num_classes):
+            bad = both[(both < 0) | (both >= num_classes)][0]
+            raise ValueError(f'image {n}: label {int(bad)} outside [0, {num_classes})')
+        # one IoU matrix per image, every class at once: a prediction never matches a ground truth of another class
+        if len(pl) and len(gl):
+            iou = torch.as_tensor(iou_fn(pb, gb), dtype=torch.float64).cpu()
+            iou = torch.where(pl[:, None] == gl[None, :], iou, torch.tensor(-1.0, dtype=torch.float64))
+        else: iou = torch.zeros(len(pl), len(gl), dtype=torch.float64)
+        labels.append(pl.numpy()); scores.append(ps.numpy()); glabels.append(gl[~gi].numpy()); gall.append(gl.numpy())
+        flags.append(match_detections(iou, ps, iou_thr, gi, matching))
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    labels, scores, flags, glabels = cat(labels, np.int64), cat(scores, np.float64), cat(flags, np.int64), cat(glabels, np.int64)
+    classes = range(num_classes) if num_classes is not None else sorted(set(labels.tolist()) | set(cat(gall, np.int64).tolist()))
+    keep = flags >= 0                                   # matched to a difficult/ignored gt: not counted
+    o = np.lexsort((-scores, labels))                   # by class, then by descending score (stable within ties)
+    o = o[keep[o]]
+    ap, tps, npos, npred = {}, {}, {}, {}
+    for c in classes:                                   # a loop over classes only: cumulative sums per class
+        sel = o[labels[o] == c]
+        npos[c] = int((glabels == c).sum()); npred[c] = int((labels == c).sum())
+        tp = np.cumsum(flags[sel], dtype=np.float64); tps[c] = int(tp[-1]) if len(tp) else 0
+        if npos[c] == 0: ap[c] = float('nan'); continue
+        ap[c] = average_precision(tp / npos[c], tp / np.arange(1, len(sel) + 1), method)
     valid = [v for v in ap.values() if not math.isnan(v)]
-    return dict(map=float(np.mean(valid)) if valid else float('nan'), ap=ap,
-                num_gt={c: npos.get(c, 0) for c in classes}, num_pred={c: npred.get(c, 0) for c in classes},
+    return dict(map=float(np.mean(valid)) if valid else float('nan'), ap=ap, num_gt=npos, num_pred=npred,
                 num_tp=tps, iou_thr=iou_thr, method=method, matching=matching)
 
 # %% ../nbs/api/13_metrics.ipynb #4e7bf8ac

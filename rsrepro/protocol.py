@@ -4,8 +4,8 @@
 
 # %% ../nbs/api/24_protocol.ipynb #14b2e6f2
 from __future__ import annotations
-import json, re, time
-from dataclasses import dataclass, replace
+import hashlib, json, os, re, shutil, time
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -13,12 +13,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .core import DataNotFoundError, RsreproError, atomic_torch_save, atomic_write, get_device, seed_everything
+from .core import (DataNotFoundError, RsreproError, atomic_torch_save, atomic_write, code_version, get_device,
+                           seed_everything)
 from .standins import is_sample_source, is_standin, standin_source
 from .train import TrainConfig, fit
 
 # %% auto #0
-__all__ = ['PROFILES', 'WEIGHTS', 'DONE', 'EVAL', 'Profile', 'register_profiles', 'get_profile', 'Experiment', 'loss_drop']
+__all__ = ['PROFILES', 'WEIGHTS', 'DONE', 'EVAL', 'FINGERPRINT', 'PRESENTATION_MODULES', 'RUNTIME_FIELDS', 'Profile',
+           'register_profiles', 'get_profile', 'dataset_source', 'Experiment', 'loss_drop']
 
 # %% ../nbs/api/24_protocol.ipynb #69ec2218
 @dataclass(kw_only=True)
@@ -50,7 +52,30 @@ def get_profile(paper: str, name: str) -> Profile:
     return PROFILES[paper][name]
 
 # %% ../nbs/api/24_protocol.ipynb #c5842fbd
-WEIGHTS, DONE, EVAL = 'weights.pt', 'done.json', 'eval.json'
+WEIGHTS, DONE, EVAL, FINGERPRINT = 'weights.pt', 'done.json', 'eval.json', 'fingerprint.json'
+# modules that present results but never change what a run computes: editing them keeps cached runs valid
+PRESENTATION_MODULES = ('site.py', 'cli.py', 'runner.py', 'bench.py', 'published.py', 'results.py')
+# `TrainConfig` fields that say where and how a run is carried out, not what it computes: not in its address
+RUNTIME_FIELDS = ('out_dir', 'progress', 'device', 'stop_after', 'ckpt_every', 'log_every', 'num_workers')
+
+def _plain(x):
+    "`x` as JSON-able data for a fingerprint: dataclasses as dicts, functions by qualified name, the rest by `str`."
+    if is_dataclass(x) and not isinstance(x, type): return _plain(asdict(x))
+    if isinstance(x, dict): return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [_plain(v) for v in x]
+    if callable(x): return getattr(x, '__qualname__', type(x).__qualname__)
+    return x if isinstance(x, (str, int, float, bool)) or x is None else str(x)
+
+def dataset_source(ds: Any, depth: int = 6) -> str | None:
+    "Where `ds` (or the dataset it wraps) reads from: its `data_source`, else its stand-in label or resolved `root`."
+    if ds is None or depth < 0: return None
+    src = getattr(ds, 'data_source', None)
+    if isinstance(src, str): return src
+    root = getattr(ds, 'root', None)
+    if isinstance(root, (str, os.PathLike)): return standin_source(root) if is_standin(root) else str(Path(root).resolve())
+    for v in vars(ds).values() if hasattr(ds, '__dict__') else ():
+        if isinstance(v, Dataset) and (s := dataset_source(v, depth - 1)): return s
+    return None
 
 def _slug(s: str) -> str: return re.sub(r'[^a-z0-9]+', '_', s.lower()).strip('_')
 
@@ -103,16 +128,55 @@ class Experiment:
         "Whether the run in folder `run` finished (its weights and its `done.json` are there)."
         return (Path(run)/DONE).is_file() and (Path(run)/WEIGHTS).is_file()
 
+    def fingerprint(self, **inputs) -> tuple[str, dict]:
+        "Content address of a run: a hash of its `inputs` (setting, config, data source, seed...), the paper, the profile, the device type and the training code's version; and the record hashed."
+        rec = {'paper': self.paper, 'profile': _plain(self.profile), 'device': self.device.type,
+               'code': code_version(exclude=PRESENTATION_MODULES), **_plain(inputs)}
+        return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16], rec
+
+    def claim(self, run: str | Path, fingerprint: str, record: Mapping | None = None) -> Path:
+        """Make folder `run` hold the run whose content address is `fingerprint`. A run made from other inputs is moved
+        aside to `<run>@<its fingerprint>` (kept, never deleted); one made before from these inputs is moved back."""
+        run = Path(run); fp_file = run/FINGERPRINT
+        old = json.loads(fp_file.read_text())['fingerprint'] if fp_file.is_file() else None
+        if old == fingerprint: return run
+        if run.is_dir() and any(run.iterdir()):
+            aside = run.with_name(f'{run.name}@{old or "unaddressed"}')
+            if aside.exists(): shutil.rmtree(aside)
+            os.replace(run, aside)
+            print(f'{self.paper}: {run} was made from other inputs (config, data or code); kept as {aside.name}')
+        kept = run.with_name(f'{run.name}@{fingerprint}')
+        if kept.is_dir():
+            if run.exists(): shutil.rmtree(run)
+            os.replace(kept, run)
+            print(f'{self.paper}: reusing {run.name}, made before from these same inputs')
+        else:
+            with atomic_write(fp_file) as f:
+                json.dump({'fingerprint': fingerprint, 'inputs': dict(record or {})}, f, indent=1, default=str)
+        return run
+
+    @staticmethod
+    def address(path: str | Path) -> str | None:
+        "The content address of the run that holds `path` (a run folder or a file in one), or None."
+        p = Path(path); p = p if p.is_dir() else p.parent
+        return json.loads((p/FINGERPRINT).read_text())['fingerprint'] if (p/FINGERPRINT).is_file() else None
+
     def train(self, build: Callable[[], nn.Module], dataset: Dataset, cfg: TrainConfig, run: str | Path,
-              setting: Mapping[str, Any] | None = None, seed: int | None = None, **fit_kw) -> Path:
-        "Train `build()` on `dataset` with `fit` in folder `run` (resuming its checkpoint) unless finished; the weights file."
+              setting: Mapping[str, Any] | None = None, seed: int | None = None, parents: Sequence[str | Path] = (),
+              **fit_kw) -> Path:
+        "Train `build()` on `dataset` with `fit` in folder `run` (resuming its checkpoint) unless the run of these inputs finished (see `fingerprint`, `claim`; `parents`: weights files it starts from, whose runs' addresses enter its own); the weights file."
         run = Path(run); weights = run/WEIGHTS
-        if self.finished(run): return weights
         seed = self.seed if seed is None else int(seed)
-        seed_everything(seed)
-        model = build()
         cfg = replace(cfg, out_dir=str(run), seed=seed, device=str(self.device),
                       batch_size=min(cfg.batch_size, len(dataset)), progress=self.log or None)
+        config = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+        self.claim(run, *self.fingerprint(setting=dict(setting or {}), config=config, seed=seed, fit=fit_kw,
+                                          parents=[self.address(p) for p in parents],
+                                          data={'source': dataset_source(dataset) or self.data_source(),
+                                                'samples': len(dataset)}))
+        if self.finished(run): return weights
+        seed_everything(seed)
+        model = build()
         t0 = time.perf_counter()
         s = fit(model, dataset, cfg, **fit_kw)
         if s.get('stopped_early'): return weights       # interrupted on purpose (cfg.stop_after): the checkpoint resumes
@@ -131,11 +195,14 @@ class Experiment:
         return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
 
     def cached(self, path: str | Path, compute: Callable[[], dict], after: str | Path | None = None) -> dict:
-        "`compute()` once and keep its JSON in `path`; later calls read it (only while the file `after` exists, if given)."
+        "`compute()` once and keep its JSON in `path`; later calls read it (only while the file `after` exists and its folder holds the run it was computed from, if given)."
         path = Path(path)
-        if path.is_file() and (after is None or Path(after).is_file()): return json.loads(path.read_text())
+        run = None if after is None else self.address(after)
+        if path.is_file() and (after is None or Path(after).is_file()):
+            out = json.loads(path.read_text())
+            if out.pop('run_fingerprint', None) == run: return out
         out = compute()
-        with atomic_write(path) as f: json.dump(out, f, default=str)
+        with atomic_write(path) as f: json.dump(out if after is None else {**out, 'run_fingerprint': run}, f, default=str)
         return out
 
 # %% ../nbs/api/24_protocol.ipynb #bdb85cc0

@@ -329,6 +329,9 @@ def stage(results_dir: str | os.PathLike = 'results', root: str | os.PathLike = 
         if f.is_file() and (f.name == '_quarto.yml' or f.suffix in ('.qmd', '.md', '.css', '.scss')): shutil.copy2(f, dest/f.name)
     if (root/'nbs').is_dir():
         shutil.copytree(root/'nbs', dest/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '__pycache__'))
+    if (root/'bench').is_dir():                       # the performance page and the benchmark tables it includes
+        shutil.copytree(root/'bench', dest/'bench', ignore=lambda d, names: [n for n in names if
+                        not (Path(d, n).is_dir() or n.endswith(('.qmd', '.md')))])
     run_meta, summary = summary_records(results) if results.is_dir() else ({}, {})
     staged = []
     for src in sorted((dest/'nbs').rglob('*.ipynb')) if (dest/'nbs').is_dir() else []:

@@ -440,3 +440,77 @@ def test_weighted_recall_equals_top1_accuracy():
     acc = topk_accuracy(L, t, 1)
     assert precision_recall_f1(L.argmax(1), t, average='weighted')['recall'] == pytest.approx(acc)
     assert precision_recall_f1(L.argmax(1), t, average='macro')['recall'] != pytest.approx(acc)
+
+
+# ---------------------------------------------------------------- the vectorised evaluator against a plain-Python oracle
+def _voc_oracle(preds, gts, iou_thr=0.5):
+    """The PASCAL VOC devkit's algorithm, written plainly (per class: every detection of every image sorted by score,
+    each matched to its best ground truth of that image; difficult ones ignored; duplicates are FP), IoU >= thr."""
+    classes = sorted({int(c) for d in list(preds) + list(gts) for c in d['labels']})
+    aps = {}
+    for c in classes:
+        dets = [(float(s), n, b) for n, p in enumerate(preds) for b, l, s in zip(p['boxes'], p['labels'], p['scores'])
+                if int(l) == c]
+        dets.sort(key=lambda d: -d[0])
+        R = {n: [(b, bool(dif)) for b, l, dif in zip(g['boxes'], g['labels'], g.get('difficult', [False] * len(g['labels'])))
+                 if int(l) == c] for n, g in enumerate(gts)}
+        taken = {n: [False] * len(r) for n, r in R.items()}
+        npos = sum(not d for r in R.values() for _, d in r)
+        tp, fp = [], []
+        for s, n, b in dets:
+            best, jbest = -1.0, -1
+            for j, (g, _) in enumerate(R[n]):
+                ov = float(box_iou(b[None], g[None])[0, 0])
+                if ov > best: best, jbest = ov, j
+            if best >= iou_thr:
+                if R[n][jbest][1]: continue                      # difficult
+                if not taken[n][jbest]: tp.append(1); fp.append(0); taken[n][jbest] = True
+                else: tp.append(0); fp.append(1)
+            else: tp.append(0); fp.append(1)
+        if npos == 0: continue
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        aps[c] = average_precision(tp / npos, tp / np.maximum(tp + fp, 1e-12), 'voc07_11pt')
+    return aps
+
+
+def _random_detections(n_img, seed, n_cls=4, max_pred=12, max_gt=6):
+    g = torch.Generator().manual_seed(seed)
+    def boxes(k):
+        xy = torch.rand(k, 2, generator=g) * 60; wh = 4 + torch.rand(k, 2, generator=g) * 30
+        return torch.cat([xy, xy + wh], 1)
+    preds, gts = [], []
+    for _ in range(n_img):
+        G = int(torch.randint(0, max_gt + 1, (1,), generator=g)); P = int(torch.randint(0, max_pred + 1, (1,), generator=g))
+        gb = boxes(G)
+        near = gb[torch.randint(0, max(G, 1), (P,), generator=g)] + torch.randn(P, 4, generator=g) * 3 if G else boxes(P)
+        pb = torch.where(torch.rand(P, 1, generator=g) < 0.7, near, boxes(P))
+        gts.append({'boxes': gb, 'labels': torch.randint(0, n_cls, (G,), generator=g),
+                    'difficult': torch.rand(G, generator=g) < 0.15})
+        preds.append({'boxes': pb, 'labels': torch.randint(0, n_cls, (P,), generator=g),
+                      'scores': torch.rand(P, generator=g).round(decimals=2)})      # ties happen
+    return preds, gts
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_vectorised_detection_ap_equals_the_voc_oracle(seed):
+    preds, gts = _random_detections(25, seed)
+    for thr in (0.5, 0.3):
+        ours = detection_ap(preds, gts, iou_thr=thr, method='voc07_11pt')['ap']
+        ref = _voc_oracle(preds, gts, thr)
+        assert {c: v for c, v in ours.items() if not np.isnan(v)} == pytest.approx(ref, abs=1e-12)
+
+
+def test_vectorised_score_matching_equals_the_greedy_loop():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        P, G = int(torch.randint(0, 9, (1,), generator=g)), int(torch.randint(0, 6, (1,), generator=g))
+        iou = (torch.rand(P, G, generator=g) * 1.2 - 0.1).clamp(0, 1).round(decimals=1)   # many ties
+        s = torch.rand(P, generator=g).round(decimals=1); ign = torch.rand(G, generator=g) < 0.3
+        want = np.zeros(P, dtype=np.int64); taken = np.zeros(G, bool)
+        for i in np.argsort(-s.double().numpy(), kind='stable'):          # the textbook loop
+            if G == 0: break
+            j = int(np.argmax(iou[i].numpy()))
+            if iou[i, j] < 0.5: continue
+            if ign[j]: want[i] = -1
+            elif not taken[j]: want[i] = 1; taken[j] = True
+        assert match_detections(iou, s, 0.5, ign).tolist() == want.tolist()

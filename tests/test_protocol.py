@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsrepro.core import DataNotFoundError, RsreproError
-from rsrepro.protocol import PROFILES, Experiment, Profile, get_profile, register_profiles
+from rsrepro.protocol import PROFILES, RUNTIME_FIELDS, Experiment, Profile, get_profile, register_profiles
 from rsrepro.standins import SMOKE_MARKER
 from rsrepro.train import TrainConfig
 
@@ -122,20 +122,96 @@ def test_cached_run_resumes_and_is_reused(toy, tmp_path):
     ex = toy('smoke', out_dir=tmp_path, device='cpu')
     cfg = TrainConfig(max_steps=6, batch_size=2, lr=0.05, log_every=1, amp='none', ckpt_every=2)
     run = ex.root/'run'
-    ex.train(_Lin, _Data(), __import__('dataclasses').replace(cfg, stop_after=3), run)   # interrupted after step 3
+    ex.train(_Lin, _Data(), __import__('dataclasses').replace(cfg, stop_after=3), run, {'what': 'toy'})   # interrupted
     assert (run/'checkpoint.pt').is_file() and not ex.finished(run)
     w = ex.train(_Lin, _Data(), cfg, run, {'what': 'toy'})                                 # resumes, finishes
     done = json.loads((run/'done.json').read_text())
     assert ex.finished(run) and done['steps'] == 6 and not (run/'checkpoint.pt').exists()
     ref = toy('smoke', out_dir=tmp_path/'ref', device='cpu')
-    wr = ref.train(_Lin, _Data(), cfg, ref.root/'run')                                     # uninterrupted
+    wr = ref.train(_Lin, _Data(), cfg, ref.root/'run', {'what': 'toy'})                    # uninterrupted
     a, b = torch.load(w, weights_only=True), torch.load(wr, weights_only=True)
     assert a['setting'] == {'what': 'toy'} and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     built = []
-    assert ex.train(lambda: built.append(1), _Data(), cfg, run) == w and not built         # reused, not rebuilt
+    assert ex.train(lambda: built.append(1), _Data(), cfg, run, {'what': 'toy'}) == w and not built   # reused
     n = []
     ev = lambda: n.append(1) or {'score': 0.5}
     assert ex.cached(run/'eval.json', ev, after=run/'done.json') == {'score': 0.5}
     assert ex.cached(run/'eval.json', ev, after=run/'done.json') == {'score': 0.5} and len(n) == 1
     (run/'done.json').unlink()
     ex.cached(run/'eval.json', ev, after=run/'done.json'); assert len(n) == 2                # stale without its run
+
+
+# ------------------------------------------------------------------ content-addressed runs
+def _cfg(**kw):
+    return TrainConfig(**{'max_steps': 3, 'batch_size': 2, 'lr': 0.05, 'log_every': 1, 'amp': 'none', **kw})
+
+
+def test_a_cached_pretraining_is_reused_by_a_second_page_and_invalidated_when_its_config_changes(toy, tmp_path):
+    built = []
+    def build(): built.append(1); return _Lin()
+    page1 = toy('smoke', out_dir=tmp_path, device='cpu')
+    run = page1.root/'pretrain'/'p'
+    w = page1.train(build, _Data(), _cfg(), run, {'method': 'toy'})
+    assert len(built) == 1 and json.loads((run/'fingerprint.json').read_text())['inputs']['config']['max_steps'] == 3
+    page2 = toy('smoke', out_dir=tmp_path, device='cpu')          # another page, another process: same inputs
+    assert page2.train(build, _Data(), _cfg(), run, {'method': 'toy'}) == w and len(built) == 1   # reused
+    first = torch.load(w, weights_only=True)['steps']
+    # a changed config, setting, seed or data source is another run: trained, the old one kept beside it
+    for change in [dict(cfg=_cfg(max_steps=4)), dict(setting={'method': 'other'}), dict(seed=1),
+                   dict(data=_Data(source='RSREPRO_DATA:/elsewhere'))]:
+        n = len(built)
+        page2.train(build, change.get('data', _Data()), change.get('cfg', _cfg()), run,
+                    change.get('setting', {'method': 'toy'}), seed=change.get('seed'))
+        assert len(built) == n + 1, change
+    assert torch.load(w, weights_only=True)['steps'] == 3 and first == 3
+    assert len(list(run.parent.glob('p@*'))) == 4                  # each earlier run kept under its address
+    # back to the first inputs: the kept run comes back, nothing is trained
+    n = len(built)
+    page2.train(build, _Data(), _cfg(), run, {'method': 'toy'})
+    assert len(built) == n and page2.address(run) == page1.fingerprint(
+        setting={'method': 'toy'}, config={k: v for k, v in __import__('dataclasses').asdict(
+            __import__('dataclasses').replace(_cfg(), seed=0, batch_size=2)).items()
+            if k not in RUNTIME_FIELDS}, seed=0, fit={}, parents=[],
+        data={'source': 'root:None', 'samples': 4})[0]
+
+
+def test_a_finetune_is_invalidated_when_its_pretraining_changes(toy, tmp_path):
+    ex = toy('smoke', out_dir=tmp_path, device='cpu')
+    pre, ft = ex.root/'pretrain'/'p', ex.root/'finetune'/'f'
+    built = []
+    def build(): built.append(1); return _Lin()
+    ck = ex.train(build, _Data(), _cfg(), pre)
+    ex.train(build, _Data(), _cfg(), ft, parents=[ck])
+    ex.train(build, _Data(), _cfg(), ft, parents=[ck]); assert len(built) == 2
+    ck = ex.train(build, _Data(), _cfg(max_steps=2), pre)           # the pre-training changed
+    ex.train(build, _Data(), _cfg(), ft, parents=[ck]); assert len(built) == 4
+
+
+def test_cached_evaluation_follows_its_run(toy, tmp_path):
+    ex = toy('smoke', out_dir=tmp_path, device='cpu')
+    run = ex.root/'f'
+    n = []
+    ev = lambda: n.append(1) or {'score': len(n)}
+    ex.train(_Lin, _Data(), _cfg(), run)
+    assert ex.cached(run/'eval.json', ev, after=run/'done.json')['score'] == 1
+    assert ex.cached(run/'eval.json', ev, after=run/'done.json')['score'] == 1
+    ex.train(_Lin, _Data(), _cfg(max_steps=2), run)                 # another run in the folder: its score is recomputed
+    assert ex.cached(run/'eval.json', ev, after=run/'done.json')['score'] == 2
+    ex.train(_Lin, _Data(), _cfg(), run)                            # the first run is back, with its own score
+    assert ex.cached(run/'eval.json', ev, after=run/'done.json')['score'] == 1 and len(n) == 2
+
+
+def test_the_training_code_version_ignores_presentation_modules():
+    from rsrepro.core import code_version
+    from rsrepro.protocol import PRESENTATION_MODULES
+    assert code_version(PRESENTATION_MODULES) != code_version() and 'site.py' in PRESENTATION_MODULES
+    assert 'train.py' not in PRESENTATION_MODULES and 'losses.py' not in PRESENTATION_MODULES
+
+
+def test_dataset_source_finds_the_wrapped_dataset(tmp_path):
+    from rsrepro.protocol import dataset_source
+    inner = _Data(source='RSREPRO_DATA:/data/x')
+    assert dataset_source(torch.utils.data.Subset(inner, [0, 1])) == 'RSREPRO_DATA:/data/x'
+    class Wrap(torch.utils.data.Dataset):
+        def __init__(self, base): self.base = base
+    assert dataset_source(Wrap(Wrap(inner))) == 'RSREPRO_DATA:/data/x' and dataset_source(Wrap(None)) is None

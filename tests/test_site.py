@@ -49,6 +49,7 @@ def built(tmp_path_factory):
     nbclient = pytest.importorskip('nbclient')
     root = tmp_path_factory.mktemp('proj')
     for f in ('_quarto.yml', 'index.qmd', 'README.md'): shutil.copy(REPO/f, root/f)
+    shutil.copytree(REPO/'bench', root/'bench')               # the performance page and its tables
     (root/'README.md').write_text((root/'README.md').read_text() + '\n\nSee [Table I](nbs/papers/imim/table_I.ipynb).\n')
     for rel in NARRATIVE + API:
         stem = Path(rel).stem
@@ -85,8 +86,8 @@ def built(tmp_path_factory):
 def test_every_page_has_html(built):
     root, _, site = built
     pages = site_pages(root/'_proc')
-    assert len(pages) == 1 + len(NARRATIVE) + len(API)           # index + every notebook, nothing else
-    assert set(pages) == {'index.qmd', *(f'nbs/{r}' for r in NARRATIVE + API)}
+    assert len(pages) == 2 + len(NARRATIVE) + len(API)           # index, performance, every notebook, nothing else
+    assert set(pages) == {'index.qmd', 'bench/performance.qmd', *(f'nbs/{r}' for r in NARRATIVE + API)}
     for p in pages: assert (site/p.replace('.ipynb', '.html').replace('.qmd', '.html')).is_file(), p
     assert sorted(p.relative_to(site).as_posix() for p in site.rglob('*.html')) == \
         sorted(p.rsplit('.', 1)[0] + '.html' for p in pages)
@@ -125,7 +126,7 @@ def test_sidebar_links_and_order(built):
     for f in site.rglob('*.html'):
         p = _Links(); p.feed(f.read_text())
         local = [h for h in p.hrefs if not re.match(r'^[a-z]+:', h)]
-        assert len(local) == len(NARRATIVE) + len(API) + 1, f      # Home + every notebook, on every page
+        assert len(local) == len(NARRATIVE) + len(API) + 2, f      # Home, Performance, every notebook, on every page
         for h in local: assert (f.parent/h).resolve().is_file(), (f, h)
         assert not any(h.startswith('/') for h in p.hrefs), 'links must be relative (file:// and sub-paths)'
     imim = next(s for s in sidebar(root/'_proc') if s['type'] == 'section' and s['text'].startswith('imim'))
@@ -158,6 +159,9 @@ def test_repository_site(tmp_path):
     for nb in api: assert (site/'nbs/api'/(nb.stem + '.html')).is_file()
     for nb in REPO.glob('nbs/papers/*/*.ipynb'):
         assert NOT_EXECUTED in (site/'nbs/papers'/nb.parent.name/(nb.stem + '.html')).read_text()
+    perf = (site/'bench'/'performance.html').read_text()     # the benchmark tables, included from bench/results
+    assert perf.count('<table') >= 2 and 'Ratio (official step time / rsrepro step time)' in perf
+    assert 'performance.html' in (site/'index.html').read_text()
 
 
 def test_quarto_is_used_when_on_path(tmp_path, monkeypatch):
