@@ -19,7 +19,8 @@ from .train import amp_dtype
 # %% auto #0
 __all__ = ['EXTRA_FLOP_FORMULAS', 'BENCH_METHODS', 'BENCH_COLUMNS', 'VARIANTS', 'CUDA_ONLY', 'flop_counter', 'count_flops',
            'matmul_peak', 'BenchMethod', 'device_name', 'bench', 'format_bench', 'bench_variants', 'write_bench',
-           'device_slug', 'load_reference_mae', 'bench_reference', 'format_reference']
+           'device_slug', 'load_reference_mae', 'bench_reference', 'format_reference', 'realistic_detections',
+           'load_devkit', 'bench_dota_eval', 'format_dota_bench']
 
 # %% ../nbs/api/11_bench.ipynb #784db214
 _aten = torch.ops.aten
@@ -129,7 +130,6 @@ BENCH_METHODS: dict[str, BenchMethod] = {
                                      _crossscale('FusMAE', decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
                                      _bands(120, **_S12), 120, 14),
 }
-
 
 # %% ../nbs/api/11_bench.ipynb #fe8f38c0
 BENCH_COLUMNS = ['model', 'device', 'device_name', 'dtype', 'batch_size', 'img_size', 'in_chans', 'params_M',
@@ -382,3 +382,96 @@ def format_reference(r: dict, fmt: str = 'text') -> str:
              f"  ratio (official time / rsrepro time): {r['ratio']:.3f}" + ('  (rsrepro is faster)' if r['ratio'] >= 1 else '')]
     if r['shims']: lines.append('  compatibility shims for the official code: ' + '; '.join(r['shims']))
     return '\n'.join(lines)
+
+# %% ../nbs/api/11_bench.ipynb #c22844cd
+def realistic_detections(gts: dict, classes, seed: int = 0, found: float = 0.85, twice: float = 0.2,
+                         confused: float = 0.05, false_alarms: float = 0.5) -> dict[str, pd.DataFrame]:
+    "Task1 frames `{class: frame}` drawn from ground truths `{image: {'polygons', 'label'}}` (see above)."
+    import numpy as np
+    from rsrepro.rotated import TASK1_COLUMNS, as_polygons
+    rng = np.random.default_rng(seed); rows = {c: [] for c in classes}
+    for name in sorted(gts):
+        p = as_polygons(gts[name]['polygons']).reshape(-1, 4, 2); lab = np.asarray(gts[name]['label']).reshape(-1)
+        if not len(p): continue
+        n = len(p)
+        keep = np.nonzero(rng.random(n) < found)[0]
+        keep = np.concatenate([keep, keep[rng.random(len(keep)) < twice]])
+        c = p[keep].mean(1, keepdims=True); size = np.linalg.norm(p[keep] - c, axis=2).mean(1)[:, None, None]
+        th = np.deg2rad(rng.normal(0, 4, len(keep)))
+        R = np.stack([np.stack([np.cos(th), -np.sin(th)], 1), np.stack([np.sin(th), np.cos(th)], 1)], 1)
+        q = np.einsum('nij,nkj->nki', R, (p[keep] - c) * rng.normal(1, .08, (len(keep), 1, 1))) + c \
+            + rng.normal(0, .08, (len(keep), 1, 2)) * size
+        lk = lab[keep].copy(); swap = rng.random(len(keep)) < confused; lk[swap] = rng.integers(0, len(classes), swap.sum())
+        sc = np.clip(rng.beta(5, 2, len(keep)), .001, 1)
+        m = rng.poisson(false_alarms * n)                 # false alarms: object-sized boxes anywhere near the objects
+        if m:
+            lo, hi = p.reshape(-1, 2).min(0), p.reshape(-1, 2).max(0)
+            src = p[rng.integers(0, n, m)]; off = rng.uniform(lo, hi, (m, 1, 2)) - src.mean(1, keepdims=True)
+            q = np.concatenate([q, src + off]); lk = np.concatenate([lk, rng.integers(0, len(classes), m)])
+            sc = np.concatenate([sc, np.clip(rng.beta(2, 5, m), .001, 1)])
+        for qi, li, si in zip(q.reshape(-1, 8), lk, np.round(sc, 3)):
+            rows[classes[li]].append([name, si, *np.round(qi, 1)])
+    return {c: pd.DataFrame(r, columns=list(TASK1_COLUMNS)).astype({k: float for k in TASK1_COLUMNS[1:]})
+            for c, r in rows.items() if r}
+
+def load_devkit(devkit: str | os.PathLike):
+    "DOTA_devkit's `dota_evaluation_task1` module from a checkout with `polyiou` built (shim: `np.bool`, removed in NumPy 1.24)."
+    import sys, numpy as np
+    d = Path(devkit).resolve()
+    if not (d/'dota_evaluation_task1.py').is_file():
+        raise RsreproError(f'--devkit {d}: no dota_evaluation_task1.py (a CAPTAIN-WHU/DOTA_devkit checkout is expected)')
+    if not hasattr(np, 'bool'): np.bool = bool
+    sys.path.insert(0, str(d))
+    try: return importlib.import_module('dota_evaluation_task1')
+    except ImportError as e:
+        raise RsreproError(f'--devkit {d}: {e}. Build polyiou first: swig -c++ -python polyiou.i && '
+                           'python setup.py build_ext --inplace') from None
+    finally: sys.path.remove(str(d))
+
+def bench_dota_eval(ann_dir: str | os.PathLike, devkit: str | os.PathLike | None = None, images: int = 458,
+                    seed: int = 0, iou_thrs=(0.5, 0.75), work_dir: str | os.PathLike | None = None) -> dict:
+    "Time `rsrepro.rotated.eval_dota` (and DOTA_devkit's `voc_eval`, given `devkit`) on a DOTA-val-sized test; AP differences."
+    import io, shutil, tempfile
+    import numpy as np
+    from rsrepro.detection_data import DOTA_CLASSES
+    from rsrepro.rotated import eval_dota, read_dota_gt, write_task1
+    src = sorted(Path(ann_dir).glob('*.txt'))
+    if not src: raise RsreproError(f'bench_dota_eval: no labelTxt files in {ann_dir}')
+    ref = load_devkit(devkit) if devkit is not None else None
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        lab, det = Path(tmp)/'labelTxt', Path(tmp)/'det'; lab.mkdir()
+        for k in range(images): shutil.copyfile(src[k % len(src)], lab/f'I{k:04d}.txt')
+        (Path(tmp)/'imageset.txt').write_text(''.join(f'I{k:04d}\n' for k in range(images)))
+        dets = realistic_detections(read_dota_gt(lab), DOTA_CLASSES, seed)
+        write_task1(det, dets)
+        out = {'images': images, 'objects': int(sum(1 for f in lab.glob('*.txt') for ln in open(f) if len(ln.split()) >= 9)),
+               'detections': int(sum(len(d) for d in dets.values())), 'source': str(Path(ann_dir).resolve()),
+               'seed': seed, 'rows': []}
+        for thr in iou_thrs:
+            t0 = time.perf_counter(); ours = eval_dota(det, lab, iou_thr=thr); t_ours = time.perf_counter() - t0
+            row = {'iou_thr': thr, 'rsrepro_s': t_ours, 'rsrepro_map': ours['map']}
+            if ref is not None:
+                aps = {}; t0 = time.perf_counter()
+                for c in DOTA_CLASSES:
+                    if c not in dets or ours['num_gt'][c] == 0: continue   # the devkit fails on both (see rotated)
+                    with contextlib.redirect_stdout(io.StringIO()):       # it prints every tp/fp array
+                        aps[c] = float(ref.voc_eval(str(det/'Task1_{:s}.txt'), str(lab/'{:s}.txt'), str(Path(tmp)/'imageset.txt'),
+                                                    c, ovthresh=thr, use_07_metric=True)[2])
+                t_ref = time.perf_counter() - t0
+                diffs = [abs(aps[c] - ours['ap'][c]) for c in aps]
+                row.update(devkit_s=t_ref, speedup=t_ref / t_ours, classes_compared=len(aps),
+                           max_abs_ap_diff=max(diffs) if diffs else 0.0, identical=all(d == 0 for d in diffs))
+            out['rows'].append(row)
+    return out
+
+def format_dota_bench(r: dict, fmt: str = 'text') -> str:
+    "The evaluator comparison as text or a markdown table."
+    head = (f"DOTA Task1 evaluation of {r['detections']} synthetic detections on {r['images']} images "
+            f"({r['objects']} real objects from {r['source']} repeated; seed {r['seed']})")
+    cols = ['iou_thr', 'rsrepro_s', 'devkit_s', 'speedup', 'classes_compared', 'max_abs_ap_diff', 'identical', 'rsrepro_map']
+    df = pd.DataFrame(r['rows']).reindex(columns=[c for c in cols if any(c in x for x in r['rows'])])
+    if fmt == 'text': return head + '\n' + df.to_string(index=False)
+    if fmt != 'md': raise RsreproError(f"format_dota_bench: fmt={fmt!r}; use 'text' or 'md'")
+    cell = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+    return '\n'.join([head, '', '| ' + ' | '.join(df.columns) + ' |', '|' + '---|' * len(df.columns),
+                      *('| ' + ' | '.join(cell(v) for v in row) + ' |' for row in df.itertuples(index=False))])

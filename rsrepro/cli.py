@@ -9,7 +9,7 @@ import argparse, sys
 from .core import RsreproError
 
 # %% auto #0
-__all__ = ['cmd_published', 'cmd_tables', 'cmd_reproduce', 'cmd_site', 'cmd_bench', 'build_parser', 'main']
+__all__ = ['cmd_published', 'cmd_tables', 'cmd_reproduce', 'cmd_site', 'cmd_bench', 'cmd_eval_dota', 'build_parser', 'main']
 
 # %% ../nbs/api/12_cli.ipynb #7f1f7d4b
 def _fmt(df, fmt: str, index: bool = False) -> str:
@@ -71,6 +71,10 @@ def cmd_bench(a) -> int:
         rkw = {k: v for k, v in dict(steps=a.steps, warmup=a.warmup).items() if v is not None}
         r = bench_reference(a.reference, device=a.device, amp=a.amp, batch_size=a.reference_batch_size, **sw, **rkw)
         parts.append(format_reference(r, fmt)); print(parts[-1], flush=True)
+    if a.dota_ann:
+        from rsrepro.bench import bench_dota_eval, format_dota_bench
+        r = bench_dota_eval(a.dota_ann, devkit=a.devkit, images=a.dota_images)
+        parts.append(format_dota_bench(r, fmt)); print(parts[-1], flush=True)
     if a.models != ['none']:
         if a.variants:
             df = bench_variants(a.models, a.variants, device=a.device, skip_cuda_only=a.skip_cuda_only, progress=True, **kw)
@@ -78,6 +82,17 @@ def cmd_bench(a) -> int:
             df = bench(a.models, device=a.device, amp=a.amp, compile=a.compile, fused=a.fused, sdpa=a.sdpa, **kw)
         parts.append(df.to_csv(index=False) if a.format == 'csv' else format_bench(df, fmt)); print(parts[-1], flush=True)
     if a.out: print(f'written to {write_bench(chr(10).join(parts), a.out)}')
+    return 0
+
+def cmd_eval_dota(a) -> int:
+    import json
+    from rsrepro.core import atomic_write
+    from rsrepro.rotated import eval_dota, format_dota_eval
+    r = eval_dota(a.det, a.ann, iou_thr=a.iou, method=a.method, imageset=a.imageset, strict=not a.inclusive)
+    print(format_dota_eval(r))
+    if a.json:
+        with atomic_write(a.json) as f: json.dump(r, f, indent=1)
+        print(f'written to {a.json}')
     return 0
 
 # %% ../nbs/api/12_cli.ipynb #f81dc180
@@ -132,7 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--out', help='also write the result to this file (atomically)')
     s.add_argument('--device', default='auto'); s.add_argument('--batch-size', type=int)
     s.add_argument('--steps', type=int); s.add_argument('--warmup', type=int); s.add_argument('--img-size', type=int)
+    s.add_argument('--dota-ann', metavar='DIR', help='a DOTA labelTxt folder: time the DOTA Task1 evaluator on '
+                   'synthetic detections of its objects (repeated to --dota-images images), beside --devkit')
+    s.add_argument('--devkit', metavar='DIR', help='a CAPTAIN-WHU/DOTA_devkit checkout with polyiou built')
+    s.add_argument('--dota-images', type=int, default=458, help='images of the DOTA evaluation test (DOTA-v1.0 val: 458)')
     s.set_defaults(fn=cmd_bench)
+    from rsrepro.metrics import AP_METHODS
+    s = sub.add_parser('eval-dota', help="DOTA Task1 AP of Task1_<class>.txt result files (DOTA_devkit's rules, vectorised)")
+    s.add_argument('--det', required=True, metavar='DIR', help='folder of Task1_<class>.txt: "image score x1 y1 ... x4 y4"')
+    s.add_argument('--ann', required=True, metavar='DIR', help='labelTxt folder of the DOTA-v1.0 ground truth')
+    s.add_argument('--iou', type=float, default=0.5, help='IoU threshold; a match needs IoU > it (default 0.5)')
+    s.add_argument('--json', metavar='OUT', help='write {"map": ..., "ap": {class: ...}, ...} here (atomically)')
+    s.add_argument('--method', choices=AP_METHODS, default='voc07_11pt', help="AP (default: DOTA_devkit's VOC07 11-point)")
+    s.add_argument('--imageset', metavar='FILE', help='score only the images this file lists (the devkit\'s imagesetfile)')
+    s.add_argument('--inclusive', action='store_true', help='match at IoU >= the threshold (VOC/COCO) instead of >')
+    s.set_defaults(fn=cmd_eval_dota)
     return p
 
 def main(argv: list[str] | None = None) -> int:

@@ -431,8 +431,8 @@ register_data_spec(DataSpec(
                'labelTxt archives), extracted into $RSREPRO_DATA/DOTA/',
     is_valid=lambda p: (p/'images').is_dir() or (p/'train'/'images').is_dir() or (p/'val'/'images').is_dir()))
 
-def parse_dota_label(path: str | os.PathLike) -> dict[str, Any]:
-    "One DOTA v1.0 labelTxt file: polygons [N,4,2], boxes (hbb), label, difficult, gsd, imagesource."
+def parse_dota_label(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    "One DOTA v1.0 labelTxt file: polygons [N,4,2] (`dtype`; the evaluator reads float64), boxes (hbb), label, difficult, gsd, imagesource."
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f'DOTA label file not found: {path}')
     polys, labels, diff, gsd, src = [], [], [], float('nan'), None
@@ -452,8 +452,8 @@ def parse_dota_label(path: str | os.PathLike) -> dict[str, Any]:
         except ValueError: raise DataFormatError(f'{path}:{ln}: non-numeric coordinate or flag: {s!r}') from None
         if t[8] not in DOTA_CLASSES:
             raise DataFormatError(f'{path}:{ln}: class {t[8]!r} is not one of the 15 DOTA v1.0 classes {list(DOTA_CLASSES)}')
-        polys.append(np.array(xy, np.float32).reshape(4, 2)); labels.append(DOTA_CLASSES.index(t[8])); diff.append(d)
-    poly = torch.from_numpy(np.stack(polys)) if polys else torch.zeros(0, 4, 2)
+        polys.append(xy); labels.append(DOTA_CLASSES.index(t[8])); diff.append(d)
+    poly = torch.from_numpy(np.asarray(polys, np.float64).reshape(-1, 4, 2)).to(dtype)
     return {'polygons': poly, 'boxes': polygon_to_hbb(poly), 'label': torch.tensor(labels, dtype=torch.long),
             'difficult': torch.tensor(diff, dtype=torch.bool), 'gsd': gsd, 'imagesource': src}
 

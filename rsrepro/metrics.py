@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['AP_METHODS', 'IMIM_AP_METHOD', 'MATCHING_RULES', 'average_precision', 'box_iou', 'mask_iou', 'match_detections',
-           'detection_ap', 'confusion_matrix', 'segmentation_scores', 'SegmentationMeter', 'mask_ap50',
-           'multilabel_map', 'topk_accuracy', 'precision_recall_f1']
+__all__ = ['AP_METHODS', 'IMIM_AP_METHOD', 'MATCHING_RULES', 'average_precision', 'box_iou', 'mask_iou', 'claim_first',
+           'ranked_ap', 'match_detections', 'detection_ap', 'confusion_matrix', 'segmentation_scores',
+           'SegmentationMeter', 'mask_ap50', 'multilabel_map', 'topk_accuracy', 'precision_recall_f1']
 
 # %% ../nbs/api/13_metrics.ipynb #de7187d2
 AP_METHODS = ('all_points', 'voc07_11pt', 'coco_101', 'yolov5_v5.0', 'yolov5_v7.0', 'ultralytics_8.4')
@@ -34,7 +34,9 @@ def average_precision(recall, precision, method: str = 'all_points') -> float:
         i = np.nonzero(mrec[1:] != mrec[:-1])[0]
         return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
     if method == 'voc07_11pt':
-        return float(np.mean([p[r >= t].max() if (r >= t).any() else 0. for t in np.linspace(0, 1, 11)]))
+        ap = 0.                                         # summed as VOC07 / DOTA_devkit do, so the bits agree
+        for t in np.arange(0., 1.1, 0.1): ap += (p[r >= t].max() if (r >= t).any() else 0.) / 11.
+        return float(ap)
     if method == 'coco_101':
         q = _envelope(p); idx = np.searchsorted(r, np.linspace(0, 1, 101), side='left')
         return float(np.mean(np.where(idx < len(q), q[np.minimum(idx, len(q) - 1)], 0.)))
@@ -66,29 +68,43 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/api/13_metrics.ipynb #a5383031
 MATCHING_RULES = ('score', 'iou', 'score_unclaimed')
 
+def claim_first(j: np.ndarray, hit: np.ndarray, ignore: np.ndarray) -> np.ndarray:
+    "The VOC greedy rule, vectorised. Ranked predictions (best first) with their best ground truth `j` and `hit` (IoU above the threshold): `1` TP, `0` FP, `-1` ignored."
+    j, hit = np.asarray(j, np.int64), np.asarray(hit, bool)
+    ign = np.zeros(len(j), bool)
+    ign[hit] = np.asarray(ignore, bool)[j[hit]]         # the best ground truth is difficult/ignored
+    cand = np.nonzero(hit & ~ign)[0]                    # ranks that may claim their ground truth
+    first = cand[np.unique(j[cand], return_index=True)[1]]   # the highest-ranked claim of each one: TP, the rest FP
+    flags = np.zeros(len(j), dtype=np.int64); flags[first] = 1
+    flags[hit & ign] = -1                               # difficult: neither TP nor FP
+    return flags
+
+def ranked_ap(flags: np.ndarray, npos: int, method: str = 'all_points') -> tuple[float, int]:
+    "AP and TP count of one class from its predictions' flags in rank order (`-1` entries dropped); NaN when `npos == 0`."
+    f = np.asarray(flags, np.int64); f = f[f >= 0]
+    tp = np.cumsum(f, dtype=np.float64); ntp = int(tp[-1]) if len(tp) else 0
+    if npos == 0: return float('nan'), ntp
+    return average_precision(tp / npos, tp / np.arange(1, len(f) + 1), method), ntp
+
 def match_detections(iou: torch.Tensor, scores: torch.Tensor, iou_thr: float = 0.5,
-                     gt_ignore: torch.Tensor | None = None, matching: str = 'score') -> np.ndarray:
-    "Per prediction `1` (TP), `0` (FP) or `-1` (matched a difficult/ignored ground truth), for one image and class."
+                     gt_ignore: torch.Tensor | None = None, matching: str = 'score', strict: bool = False) -> np.ndarray:
+    "Per prediction `1` (TP), `0` (FP) or `-1` (matched a difficult/ignored ground truth), for one image and class; `strict`: a match needs IoU > `iou_thr` (DOTA_devkit), else >=."
     if matching not in MATCHING_RULES: raise ValueError(f'matching={matching!r}: expected one of {MATCHING_RULES}')
     iou = torch.as_tensor(iou, dtype=torch.float64).cpu().numpy(); P, G = iou.shape
     out = np.zeros(P, dtype=np.int64)
     if P == 0 or G == 0: return out
     ign = np.zeros(G, bool) if gt_ignore is None else torch.as_tensor(gt_ignore).bool().cpu().numpy()
-    if matching == 'score':                             # VOC, YOLOv5 v5.0 test.py, DOTA_devkit; vectorised:
+    above = np.greater if strict else np.greater_equal
+    if matching == 'score':                             # VOC, YOLOv5 v5.0 test.py, DOTA_devkit
         order = np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable')
         j = iou[order].argmax(1)                        # each prediction's best ground truth (first on ties)
-        hit = iou[order, j] >= iou_thr                  # below the threshold: FP
-        cand = np.nonzero(hit & ~ign[j])[0]             # ranks that may claim their ground truth
-        first = cand[np.unique(j[cand], return_index=True)[1]]   # the highest-scored claim of each one: TP
-        flags = np.zeros(P, dtype=np.int64); flags[first] = 1
-        flags[hit & ign[j]] = -1                        # difficult: neither TP nor FP
-        out[order] = flags
+        out[order] = claim_first(j, above(iou[order, j], iou_thr), ign)
         return out
     if ign.any(): raise ValueError(f"matching={matching!r} has no difficult/ignore ground truths; use matching='score'")
     order = np.argsort(-torch.as_tensor(scores, dtype=torch.float64).cpu().numpy(), kind='stable')   # NMS output order
     iou = iou[order]
     if matching == 'iou':                               # YOLOv5 7.0 process_batch
-        m = np.argwhere(iou >= iou_thr)                 # [pairs, (prediction rank, gt)]
+        m = np.argwhere(above(iou, iou_thr))                 # [pairs, (prediction rank, gt)]
         if len(m) > 1:
             m = m[iou[m[:, 0], m[:, 1]].argsort()[::-1]]          # highest IoU first
             m = m[np.unique(m[:, 0], return_index=True)[1]]       # each prediction: its best pair (now by rank)
@@ -98,7 +114,7 @@ def match_detections(iou: torch.Tensor, scores: torch.Tensor, iou_thr: float = 0
     claimed = np.zeros(G, bool)                         # ultralytics 8.4 match_predictions
     for k in range(P):
         avail = np.where(claimed, 0., iou[k]); j = int(avail.argmax())
-        if avail[j] >= iou_thr: out[order[k]] = 1; claimed[j] = True
+        if above(avail[j], iou_thr): out[order[k]] = 1; claimed[j] = True
     return out
 
 def _get(d: dict, key: str, where: str, default=None):
@@ -107,7 +123,8 @@ def _get(d: dict, key: str, where: str, default=None):
     raise ValueError(f"{where} has no {key!r} entry (keys: {sorted(d)})")
 
 def detection_ap(preds: Sequence[dict], gts: Sequence[dict], iou_thr: float = 0.5, num_classes: int | None = None,
-                 iou_fn: Callable = box_iou, method: str = 'all_points', matching: str = 'score') -> dict:
+                 iou_fn: Callable = box_iou, method: str = 'all_points', matching: str = 'score',
+                 strict: bool = False) -> dict:
     "Per-class AP and mAP over images: `preds[i]` has `boxes, labels, scores`; `gts[i]` has `boxes, labels` (+ `difficult`/`ignore`)."
     if len(preds) != len(gts): raise ValueError(f'preds has {len(preds)} images but gts has {len(gts)}')
     if method not in AP_METHODS: raise ValueError(f'method={method!r}: expected one of {AP_METHODS}')
@@ -135,7 +152,7 @@ def detection_ap(preds: Sequence[dict], gts: Sequence[dict], iou_thr: float = 0.
             iou = torch.where(pl[:, None] == gl[None, :], iou, torch.tensor(-1.0, dtype=torch.float64))
         else: iou = torch.zeros(len(pl), len(gl), dtype=torch.float64)
         labels.append(pl.numpy()); scores.append(ps.numpy()); glabels.append(gl[~gi].numpy()); gall.append(gl.numpy())
-        flags.append(match_detections(iou, ps, iou_thr, gi, matching))
+        flags.append(match_detections(iou, ps, iou_thr, gi, matching, strict))
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
     labels, scores, flags, glabels = cat(labels, np.int64), cat(scores, np.float64), cat(flags, np.int64), cat(glabels, np.int64)
     classes = range(num_classes) if num_classes is not None else sorted(set(labels.tolist()) | set(cat(gall, np.int64).tolist()))
@@ -146,12 +163,10 @@ def detection_ap(preds: Sequence[dict], gts: Sequence[dict], iou_thr: float = 0.
     for c in classes:                                   # a loop over classes only: cumulative sums per class
         sel = o[labels[o] == c]
         npos[c] = int((glabels == c).sum()); npred[c] = int((labels == c).sum())
-        tp = np.cumsum(flags[sel], dtype=np.float64); tps[c] = int(tp[-1]) if len(tp) else 0
-        if npos[c] == 0: ap[c] = float('nan'); continue
-        ap[c] = average_precision(tp / npos[c], tp / np.arange(1, len(sel) + 1), method)
+        ap[c], tps[c] = ranked_ap(flags[sel], npos[c], method)
     valid = [v for v in ap.values() if not math.isnan(v)]
     return dict(map=float(np.mean(valid)) if valid else float('nan'), ap=ap, num_gt=npos, num_pred=npred,
-                num_tp=tps, iou_thr=iou_thr, method=method, matching=matching)
+                num_tp=tps, iou_thr=iou_thr, method=method, matching=matching, strict=strict)
 
 # %% ../nbs/api/13_metrics.ipynb #4e7bf8ac
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
