@@ -1,0 +1,118 @@
+"""ARS-DETR's oriented-box pieces (`rsrepro.ars_detr`): the le90/le135 conventions, the AR-CSL label against exact
+rotated IoUs, the rotated sampling locations, and the Hungarian matching."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import shapely
+import torch
+
+from rsrepro.ars_detr import (AngleCoder, angle_bce_cost, aspect_ratio, hungarian_match, norm_rbox, poly_to_rbox,
+                              rbox_to_poly, rotated_sampling_locations, rotation_iou)
+
+
+def _shapely_rotation_iou(r, deg):
+    box = shapely.box(-r, -1, r, 1)
+    rot = shapely.affinity.rotate(box, deg, origin=(0, 0))
+    i = box.intersection(rot).area
+    return i / (box.area + rot.area - i)
+
+
+@pytest.mark.parametrize('r', [1.0, 1.3, 2.0, 4.5, 12.0])
+def test_arcsl_label_is_the_rotated_iou(r):
+    import shapely.affinity  # noqa: F401
+    degs = [0, 1, 5, 17, 30, 44, 45, 46, 60, 89, 90]
+    got = rotation_iou([r], degs)[0].numpy()
+    ref = np.array([_shapely_rotation_iou(r, d) for d in degs])
+    assert np.abs(got - ref).max() < 1e-9
+    lab = AngleCoder().encode(torch.tensor([math.radians(-89.5)]), torch.tensor([r]))[0].double()
+    # the true bin is 0; the label wraps around: bin 179 is 1 degree away on the other side
+    assert lab[0] == 1 and torch.isclose(lab[1], lab[179]) and torch.isclose(lab[1], torch.tensor(ref[1], dtype=torch.float64), atol=1e-6)
+
+
+def test_arcsl_is_narrower_for_long_boxes_and_normalize():
+    c = AngleCoder()
+    lab = c.encode(torch.zeros(3), torch.tensor([1.0, 2.0, 8.0]))
+    width = (lab > 0.5).sum(1)
+    assert width[0] > width[1] > width[2]
+    n = AngleCoder(normalize=True).encode(torch.zeros(2), torch.tensor([2.0, 8.0]))
+    assert torch.allclose(n.min(1).values, torch.zeros(2)) and torch.allclose(n.max(1).values, torch.ones(2))
+    with pytest.raises(ValueError, match='aspect ratios'):
+        c.encode(torch.zeros(2))
+    with pytest.raises(ValueError, match='no bins'):
+        AngleCoder(None).encode(torch.zeros(2))
+
+
+def test_decode_inverts_encode_to_half_a_bin():
+    c = AngleCoder()
+    a = torch.linspace(-math.pi / 2, math.pi / 2 - 1e-4, 400)
+    back = c.decode(c.encode(a, torch.full((400,), 3.0)))
+    err = torch.remainder(back - a + math.pi / 2, math.pi) - math.pi / 2
+    assert err.abs().max() <= math.radians(0.5) + 1e-6
+
+
+@pytest.mark.parametrize('version, lo', [('le90', -math.pi / 2), ('le135', -math.pi / 4)])
+def test_angle_wrap_and_swap_at_the_boundaries(version, lo):
+    eps = 1e-3
+    for t in (lo - eps, lo, lo + eps, lo + math.pi - eps, lo + math.pi, lo + math.pi / 2):
+        n = norm_rbox(torch.tensor([[0., 0., 8., 4., t]], dtype=torch.float64), version)[0]
+        assert lo <= n[4] < lo + math.pi and n[2] == 8 and n[3] == 4
+        assert math.isclose((n[4].item() - t) % math.pi, 0, abs_tol=1e-9) or math.isclose((n[4].item() - t) % math.pi, math.pi, abs_tol=1e-9)
+        # the same rectangle given with w < h: swapped, turned by pi/2, same result
+        m = norm_rbox(torch.tensor([[0., 0., 4., 8., t - math.pi / 2]], dtype=torch.float64), version)[0]
+        assert torch.allclose(n, m, atol=1e-9)
+    # at +-pi/4 the le135 range starts: -pi/4 stays, just below it jumps to just below 3pi/4
+    assert math.isclose(norm_rbox(torch.tensor([[0, 0, 8., 4, -math.pi / 4]], dtype=torch.float64), 'le135')[0, 4].item(), -math.pi / 4)
+    assert norm_rbox(torch.tensor([[0, 0, 8., 4, -math.pi / 4 - eps]], dtype=torch.float64), 'le135')[0, 4] > 3 * math.pi / 4 - 2 * eps
+
+
+def test_polygons_round_trip_through_rotated_boxes():
+    rng = np.random.default_rng(0)
+    b = torch.tensor(np.c_[rng.uniform(50, 500, (64, 2)), rng.uniform(10, 80, (64, 2)), rng.uniform(-4, 4, 64)], dtype=torch.float64)
+    b = b[aspect_ratio(b[:, 2], b[:, 3]) > 1.05]       # a square's angle is only defined modulo pi/2
+    back = poly_to_rbox(rbox_to_poly(b))
+    n = norm_rbox(b)
+    assert torch.allclose(back[:, :4], n[:, :4], atol=2e-3)
+    d = torch.remainder(back[:, 4] - n[:, 4] + math.pi / 2, math.pi) - math.pi / 2
+    assert d.abs().max() < 1e-4
+    assert poly_to_rbox(np.zeros((0, 8))).shape == (0, 5)
+
+
+def test_rotated_sampling_locations_lie_on_the_box():
+    torch.manual_seed(0)
+    B, Q, H, L, P = 2, 5, 3, 2, 4
+    ref = torch.rand(B, Q, L, 4) * 0.5 + 0.2
+    ang = (torch.rand(B, Q) - 0.5) * math.pi
+    off = torch.zeros(B, Q, H, L, P, 2); off[..., 0] = P          # offset P along the width axis: half the width
+    loc = rotated_sampling_locations(ref, ang, off)
+    assert loc.shape == (B, Q, H, L, P, 2)
+    d = loc - ref[:, :, None, :, None, :2]
+    assert torch.allclose(d.norm(dim=-1), (ref[:, :, None, :, None, 2] * 0.5).expand_as(d[..., 0]), atol=1e-6)
+    direction = torch.atan2(d[..., 1], d[..., 0])
+    assert torch.allclose(direction, ang[:, :, None, None, None].expand_as(direction), atol=1e-5)
+
+
+def test_hungarian_match_is_the_minimum_cost_assignment():
+    torch.manual_seed(1)
+    Q, G, C = 5, 3, 4
+    cls = torch.randn(Q, C); boxes = torch.rand(Q, 4) * 0.5 + 0.1
+    gl = torch.randint(0, C, (G,)); gb = torch.rand(G, 4) * 0.5 + 0.1; ga = (torch.rand(G) - 0.5) * math.pi
+    coder = AngleCoder(); al = torch.randn(Q, coder.num_bins)
+    q, g = hungarian_match(cls, boxes, al, gl, gb, ga, coder)
+    assert len(q) == G and len(set(q.tolist())) == G
+    # recompute the cost matrix independently and brute-force the assignment
+    from torchvision.ops import generalized_box_iou
+    xyxy = lambda b: torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
+    p = cls.sigmoid()
+    foc = (0.25 * (1 - p) ** 2 * -(p + 1e-8).log() - 0.75 * p ** 2 * -(1 - p + 1e-8).log())[:, gl]
+    r = aspect_ratio(gb[:, 2], gb[:, 3])
+    t = coder.encode(ga, r).float()
+    bce = torch.stack([torch.nn.functional.binary_cross_entropy_with_logits(al[i:i + 1].expand(G, -1), t, reduction='none').mean(1)
+                       for i in range(Q)])
+    cost = 2 * foc + 2 * torch.cdist(boxes, gb, p=1) - 5 * generalized_box_iou(xyxy(boxes), xyxy(gb)) + 2 * bce * (2 * r / (r + 1))[None]
+    best = min(itertools.permutations(range(Q), G), key=lambda qs: sum(cost[qq, j].item() for j, qq in enumerate(qs)))
+    assert dict(zip(g.tolist(), q.tolist())) == dict(enumerate(best))
+    assert torch.allclose(angle_bce_cost(al, t), bce, atol=1e-5)
+    e = hungarian_match(cls, boxes, al, gl[:0], gb[:0], ga[:0], coder)
+    assert len(e[0]) == len(e[1]) == 0
