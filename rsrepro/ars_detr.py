@@ -15,7 +15,8 @@ from .rotated import as_polygons, convex_intersection_area
 
 # %% auto #0
 __all__ = ['ANGLE_VERSIONS', 'norm_rbox', 'rbox_to_poly', 'poly_to_rbox', 'aspect_ratio', 'ar_weight', 'rotation_iou',
-           'AngleCoder', 'rotated_sampling_locations', 'focal_cost', 'angle_bce_cost', 'hungarian_match']
+           'AngleCoder', 'rotated_sampling_locations', 'focal_cost', 'angle_bce_cost', 'hungarian_match',
+           'RotatedDeformableAttention']
 
 # %% ../nbs/api/29_ars_detr.ipynb #64cceb59
 ANGLE_VERSIONS = {'le90': -math.pi / 2, 'le135': -math.pi / 4}   # the start of each convention's angle range (length π)
@@ -156,3 +157,53 @@ def hungarian_match(cls_logits: torch.Tensor, boxes: torch.Tensor, angle_out: to
         if not torch.isfinite(cost).all(): raise FloatingPointError('hungarian_match: the cost matrix has NaN or Inf')
         qi, gi = linear_sum_assignment(cost.cpu().numpy())
     return torch.as_tensor(qi, dtype=torch.long), torch.as_tensor(gi, dtype=torch.long)
+
+# %% ../nbs/api/29_ars_detr.ipynb #14f515cd
+class RotatedDeformableAttention(torch.nn.Module):
+    "Multi-scale deformable attention with rotated box references (ARS-DETR); `forward` returns `[B, Q, dim]` before any residual."
+    def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4, im2col_step: int = 64):
+        super().__init__()
+        if dim % num_heads: raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
+        self.dim, self.num_heads, self.num_levels, self.num_points, self.im2col_step = dim, num_heads, num_levels, num_points, im2col_step
+        self.sampling_offsets = torch.nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = torch.nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = torch.nn.Linear(dim, dim)
+        self.output_proj = torch.nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        torch.nn.init.zeros_(self.sampling_offsets.weight)
+        t = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
+        grid = torch.stack([t.cos(), t.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True).values).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1) * torch.arange(1, self.num_points + 1).view(1, 1, -1, 1)
+        with torch.no_grad(): self.sampling_offsets.bias.copy_(grid.flatten())
+        torch.nn.init.zeros_(self.attention_weights.weight); torch.nn.init.zeros_(self.attention_weights.bias)
+        for m in (self.value_proj, self.output_proj):
+            torch.nn.init.xavier_uniform_(m.weight); torch.nn.init.zeros_(m.bias)
+
+    def forward(self, query: torch.Tensor, value: torch.Tensor, reference: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
+                reference_angles: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        "`query [B, Q, dim]`, `value [B, S, dim]` (levels flattened in order), `reference [B, Q, L, 2 or 4]` (normalised), `padding_mask [B, S]` (True: padding)."
+        from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+        B, Q, _ = query.shape; S = value.shape[1]; H, L, P = self.num_heads, self.num_levels, self.num_points
+        shapes = [tuple(int(v) for v in s) for s in spatial_shapes]
+        if len(shapes) != L: raise ValueError(f'{len(shapes)} spatial shapes for {L} levels')
+        if sum(h * w for h, w in shapes) != S: raise ValueError(f'the levels {shapes} hold {sum(h * w for h, w in shapes)} positions, value has {S}')
+        v = self.value_proj(value)
+        if padding_mask is not None: v = v.masked_fill(padding_mask[..., None], 0.)
+        v = v.view(B, S, H, self.dim // H)
+        off = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        aw = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        if reference.shape[-1] == 2:
+            norm = torch.tensor([[w, h] for h, w in shapes], dtype=off.dtype, device=off.device)
+            loc = reference[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
+        elif reference.shape[-1] == 4:
+            if reference_angles is None:
+                loc = reference[:, :, None, :, None, :2] + off / P * reference[:, :, None, :, None, 2:] * 0.5
+            else: loc = rotated_sampling_locations(reference, reference_angles, off, P)
+        else: raise ValueError(f'reference: last dimension must be 2 (points) or 4 (boxes), got {tuple(reference.shape)}')
+        st = torch.tensor(shapes, dtype=torch.long, device=v.device)
+        start = torch.cat([st.new_zeros(1), (st[:, 0] * st[:, 1]).cumsum(0)[:-1]])
+        out = MultiScaleDeformableAttention()(v, st, shapes, start, loc, aw, self.im2col_step)
+        return self.output_proj(out)

@@ -116,3 +116,28 @@ def test_hungarian_match_is_the_minimum_cost_assignment():
     assert torch.allclose(angle_bce_cost(al, t), bce, atol=1e-5)
     e = hungarian_match(cls, boxes, al, gl[:0], gb[:0], ga[:0], coder)
     assert len(e[0]) == len(e[1]) == 0
+
+
+@pytest.mark.parametrize('coords', [2, 4])
+def test_deformable_attention_matches_hf_deformable_detr_without_rotation(coords):
+    "Points (encoder) and unrotated boxes: the same numbers as HF transformers' Deformable DETR attention with the same weights."
+    from transformers import DeformableDetrConfig
+    from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrMultiscaleDeformableAttention
+    from rsrepro.ars_detr import RotatedDeformableAttention
+    torch.manual_seed(2)
+    ours = RotatedDeformableAttention(dim=64, num_heads=4, num_levels=2, num_points=3)
+    with torch.no_grad():
+        for m in (ours.sampling_offsets, ours.attention_weights):
+            m.weight.normal_(0, 0.05); m.bias.normal_(0, 0.5)
+    hf = DeformableDetrMultiscaleDeformableAttention(DeformableDetrConfig(d_model=64, num_feature_levels=2), num_heads=4, n_points=3)
+    hf.load_state_dict({k: v for k, v in ours.state_dict().items()})
+    shapes = [(6, 7), (3, 4)]
+    val, q = torch.randn(2, 54, 64), torch.randn(2, 9, 64)
+    ref = torch.rand(2, 9, 2, coords) * 0.5 + 0.25
+    st = torch.tensor(shapes)
+    want = hf(q, encoder_hidden_states=val, reference_points=ref, spatial_shapes=st, spatial_shapes_list=shapes,
+              level_start_index=torch.tensor([0, 42]))[0]
+    assert torch.allclose(ours(q, val, ref, shapes), want, atol=1e-5)
+    if coords == 4:     # a zero angle is the unrotated case; a non-zero one is not
+        assert torch.allclose(ours(q, val, ref, shapes, torch.zeros(2, 9)), want, atol=1e-5)
+        assert not torch.allclose(ours(q, val, ref, shapes, torch.full((2, 9), 0.5)), want, atol=1e-3)
