@@ -16,7 +16,8 @@ from .rotated import as_polygons, convex_intersection_area
 # %% auto #0
 __all__ = ['ANGLE_VERSIONS', 'norm_rbox', 'rbox_to_poly', 'poly_to_rbox', 'aspect_ratio', 'ar_weight', 'rotation_iou',
            'AngleCoder', 'rotated_sampling_locations', 'focal_cost', 'angle_bce_cost', 'hungarian_match',
-           'RotatedDeformableAttention']
+           'RotatedDeformableAttention', 'inverse_sigmoid', 'sine_position_embedding', 'proposal_position_embedding',
+           'EncoderLayer', 'DecoderLayer', 'ARSDETR', 'ARSCriterion']
 
 # %% ../nbs/api/29_ars_detr.ipynb #64cceb59
 ANGLE_VERSIONS = {'le90': -math.pi / 2, 'le135': -math.pi / 4}   # the start of each convention's angle range (length π)
@@ -207,3 +208,184 @@ class RotatedDeformableAttention(torch.nn.Module):
         start = torch.cat([st.new_zeros(1), (st[:, 0] * st[:, 1]).cumsum(0)[:-1]])
         out = MultiScaleDeformableAttention()(v, st, shapes, start, loc, aw, self.im2col_step)
         return self.output_proj(out)
+
+# %% ../nbs/api/29_ars_detr.ipynb #01d1fd28
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+def sine_position_embedding(h: int, w: int, num_feats: int = 128, temperature: float = 10000., device=None) -> torch.Tensor:
+    "Deformable DETR's normalised sine embedding `[h*w, 2*num_feats]` (y then x; offset -0.5, scale 2π)."
+    y = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h * 2 * math.pi
+    x = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w * 2 * math.pi
+    dim_t = temperature ** (2 * (torch.arange(num_feats, device=device) // 2) / num_feats)
+    px, py = x[:, None] / dim_t, y[:, None] / dim_t
+    px = torch.stack([px[:, 0::2].sin(), px[:, 1::2].cos()], 2).flatten(1)
+    py = torch.stack([py[:, 0::2].sin(), py[:, 1::2].cos()], 2).flatten(1)
+    return torch.cat([py[:, None].expand(h, w, -1), px[None].expand(h, w, -1)], -1).reshape(h * w, -1)
+
+def proposal_position_embedding(boxes_unact: torch.Tensor, num_feats: int = 128, temperature: float = 10000.) -> torch.Tensor:
+    "The sine embedding `[B, N, 4*num_feats]` of proposal boxes given as logits."
+    dim_t = temperature ** (2 * (torch.arange(num_feats, device=boxes_unact.device) // 2) / num_feats)
+    pos = boxes_unact.sigmoid()[..., None] * 2 * math.pi / dim_t
+    return torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], -1).flatten(2)
+
+class _FFN(torch.nn.Module):
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+        self.drop, self.norm = torch.nn.Dropout(dropout), torch.nn.LayerNorm(dim)
+    def forward(self, x): return self.norm(x + self.drop(self.fc2(self.drop(F.relu(self.fc1(x))))))
+
+class EncoderLayer(torch.nn.Module):
+    def __init__(self, dim=256, heads=8, levels=4, points=4, ffn=1024, dropout=0.1):
+        super().__init__()
+        self.attn = RotatedDeformableAttention(dim, heads, levels, points)
+        self.drop, self.norm, self.ffn = torch.nn.Dropout(dropout), torch.nn.LayerNorm(dim), _FFN(dim, ffn, dropout)
+    def forward(self, x, pos, ref, shapes):
+        return self.ffn(self.norm(x + self.drop(self.attn(x + pos, x, ref, shapes))))
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, dim=256, heads=8, levels=4, points=4, ffn=1024, dropout=0.1):
+        super().__init__()
+        self.self_attn = torch.nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross = RotatedDeformableAttention(dim, heads, levels, points)
+        self.drop1, self.drop2 = torch.nn.Dropout(dropout), torch.nn.Dropout(dropout)
+        self.norm1, self.norm2, self.ffn = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim), _FFN(dim, ffn, dropout)
+    def forward(self, q, pos, memory, ref_boxes, ref_angles, shapes, attn_mask=None):
+        k = q + pos
+        q = self.norm1(q + self.drop1(self.self_attn(k, k, q, attn_mask=attn_mask, need_weights=False)[0]))
+        ref = ref_boxes[:, :, None].expand(-1, -1, len(shapes), -1)
+        return self.ffn(self.norm2(q + self.drop2(self.cross(q + pos, memory, ref, shapes, ref_angles))))
+
+class _MLP(torch.nn.Module):
+    def __init__(self, dim, out, layers=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim if i < layers - 1 else out) for i in range(layers))
+    def forward(self, x):
+        for i, l in enumerate(self.layers): x = l(x) if i == len(self.layers) - 1 else F.relu(l(x))
+        return x
+
+class ARSDETR(torch.nn.Module):
+    "ARS-DETR (two-stage rotated Deformable DETR with box refinement and an angle coder); see above."
+    def __init__(self, num_classes: int = 15, coder: AngleCoder | None = None, dim: int = 256, num_heads: int = 8,
+                 enc_layers: int = 6, dec_layers: int = 6, ffn: int = 1024, dropout: float = 0.1, num_queries: int = 300,
+                 num_levels: int = 4, num_points: int = 4, backbone: str = 'resnet50', frozen_stages: int = 1):
+        super().__init__()
+        import torchvision
+        from torchvision.models.feature_extraction import create_feature_extractor
+        from torchvision.ops import FrozenBatchNorm2d
+        self.coder = coder if coder is not None else AngleCoder()
+        self.num_classes, self.num_queries, self.dim = num_classes, num_queries, dim
+        r = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+        for name, p in r.named_parameters():                       # frozen stem (+ the first `frozen_stages` stages)
+            if name.startswith(('conv1', 'bn1')) or any(name.startswith(f'layer{i}.') for i in range(1, frozen_stages + 1)):
+                p.requires_grad_(False)
+        self.backbone = create_feature_extractor(r, {'layer2': 'c3', 'layer3': 'c4', 'layer4': 'c5'})
+        chans = [r.layer2[-1].conv3.out_channels, r.layer3[-1].conv3.out_channels, r.layer4[-1].conv3.out_channels] \
+            if hasattr(r.layer2[-1], 'conv3') else [128, 256, 512]
+        gn = lambda: torch.nn.GroupNorm(32, dim)
+        self.neck = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(c, dim, 1), gn()) for c in chans] +
+                                        [torch.nn.Sequential(torch.nn.Conv2d(chans[-1], dim, 3, 2, 1), gn())][:num_levels - 3])
+        self.level_embed = torch.nn.Parameter(torch.randn(num_levels, dim))
+        self.encoder = torch.nn.ModuleList(EncoderLayer(dim, num_heads, num_levels, num_points, ffn, dropout) for _ in range(enc_layers))
+        self.decoder = torch.nn.ModuleList(DecoderLayer(dim, num_heads, num_levels, num_points, ffn, dropout) for _ in range(dec_layers))
+        self.enc_output, self.enc_output_norm = torch.nn.Linear(dim, dim), torch.nn.LayerNorm(dim)
+        self.pos_trans, self.pos_trans_norm = torch.nn.Linear(2 * dim, 2 * dim), torch.nn.LayerNorm(2 * dim)
+        n_angle = self.coder.num_bins or 1
+        self.cls_branches = torch.nn.ModuleList(torch.nn.Linear(dim, num_classes) for _ in range(dec_layers + 1))
+        self.reg_branches = torch.nn.ModuleList(_MLP(dim, 4) for _ in range(dec_layers + 1))
+        self.angle_branches = torch.nn.ModuleList(torch.nn.Linear(dim, n_angle) for _ in range(dec_layers + 1))
+        prior = -math.log((1 - 0.01) / 0.01)
+        for c in self.cls_branches: torch.nn.init.constant_(c.bias, prior)
+        for a in self.angle_branches:
+            if self.coder.num_bins: torch.nn.init.constant_(a.bias, prior)
+        for r_ in self.reg_branches:
+            torch.nn.init.zeros_(r_.layers[-1].weight); torch.nn.init.zeros_(r_.layers[-1].bias)
+        torch.nn.init.constant_(self.reg_branches[0].layers[-1].bias[2:], -2.0)
+
+    def angle_of(self, out: torch.Tensor) -> torch.Tensor:
+        return self.coder.decode(out) if self.coder.num_bins else out[..., 0]
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        f = self.backbone(images); c = [f['c3'], f['c4'], f['c5']]
+        out = [m(x) for m, x in zip(self.neck[:3], c)]
+        if len(self.neck) > 3: out.append(self.neck[3](c[-1]))
+        return out
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.features(images); B = images.shape[0]
+        shapes = [tuple(f.shape[-2:]) for f in feats]
+        src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+        pos = torch.cat([sine_position_embedding(h, w, self.dim // 2, device=src.device) + self.level_embed[l]
+                         for l, (h, w) in enumerate(shapes)], 0)[None].expand(B, -1, -1)
+        cells = [torch.stack(torch.meshgrid((torch.arange(w, device=src.device) + 0.5) / w, (torch.arange(h, device=src.device) + 0.5) / h,
+                                            indexing='xy'), -1).reshape(-1, 2) for h, w in shapes]
+        ref_pts = torch.cat(cells, 0)[None, :, None].expand(B, -1, len(shapes), -1)
+        memory = src
+        for layer in self.encoder: memory = layer(memory, pos, ref_pts, shapes)
+        # two stages: one proposal per encoder position, the top `num_queries` start the decoder
+        wh = torch.cat([torch.full((h * w, 2), 0.05 * 2.0 ** l, device=src.device) for l, (h, w) in enumerate(shapes)], 0)
+        prop = torch.cat([torch.cat(cells, 0), wh], -1)
+        valid = ((prop > 0.01) & (prop < 0.99)).all(-1)
+        prop_unact = torch.where(valid[:, None], inverse_sigmoid(prop), torch.full_like(prop, 10000.))[None].expand(B, -1, -1)
+        out_mem = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[None, :, None], 0.)))
+        L = len(self.decoder)
+        enc_logits, enc_angle = self.cls_branches[L](out_mem), self.angle_branches[L](out_mem)
+        enc_coord_unact = self.reg_branches[L](out_mem) + prop_unact
+        k = min(self.num_queries, enc_logits.shape[1])
+        top = enc_logits[..., 0].topk(k, dim=1).indices
+        gather = lambda t: t.gather(1, top[..., None].expand(-1, -1, t.shape[-1]))
+        ref_unact = gather(enc_coord_unact).detach()
+        ref_boxes, ref_angles = ref_unact.sigmoid(), self.angle_of(gather(enc_angle).detach()).detach()
+        qpos, q = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(ref_unact, self.dim // 2))).split(self.dim, -1)
+        logits, boxes, angles = [], [], []
+        for l, layer in enumerate(self.decoder):
+            q = layer(q, qpos, memory, ref_boxes, ref_angles, shapes)
+            new = (self.reg_branches[l](q) + inverse_sigmoid(ref_boxes)).sigmoid()
+            a = self.angle_branches[l](q)
+            logits.append(self.cls_branches[l](q)); boxes.append(new); angles.append(a)
+            ref_boxes, ref_angles = new.detach(), self.angle_of(a).detach()      # refined, re-decoded, detached
+        return {'logits': torch.stack(logits), 'boxes': torch.stack(boxes), 'angle_out': torch.stack(angles),
+                'angles': self.angle_of(angles[-1]), 'enc_logits': enc_logits, 'enc_boxes': enc_coord_unact.sigmoid(),
+                'enc_angle_out': enc_angle}
+
+# %% ../nbs/api/29_ars_detr.ipynb #97bb7eae
+class ARSCriterion(torch.nn.Module):
+    "ARS-DETR's set loss over decoder layers and proposals: `forward(outputs, targets) -> {name: loss}` with `'loss'` the total."
+    def __init__(self, num_classes: int, coder: AngleCoder, weights: Sequence[float] = (2., 2., 5., 2.), ar_weighting: bool = True,
+                 alpha: float = 0.25, gamma: float = 2.0):
+        super().__init__()
+        self.num_classes, self.coder, self.weights, self.ar_weighting, self.alpha, self.gamma = num_classes, coder, tuple(weights), ar_weighting, alpha, gamma
+
+    def _one(self, logits, boxes, angle_out, targets, binary: bool = False) -> dict[str, torch.Tensor]:
+        from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
+        n = max(sum(len(t['labels']) for t in targets), 1)
+        onehot = torch.zeros_like(logits); l1 = giou = ang = logits.new_zeros(())
+        for b, t in enumerate(targets):
+            labels = torch.zeros_like(t['labels']) if binary else t['labels']
+            q, g = hungarian_match(logits[b], boxes[b], angle_out[b] if self.coder.num_bins else angle_out[b, :, 0], labels,
+                                   t['boxes'], t['angles'], self.coder, self.weights, self.ar_weighting)
+            q, g = q.to(logits.device), g.to(logits.device)
+            if not len(q): continue
+            onehot[b, q, labels[g]] = 1
+            pb, tb = boxes[b, q], t['boxes'][g].to(boxes)
+            l1 = l1 + (pb - tb).abs().sum()
+            giou = giou + (1 - torch.diag(generalized_box_iou(_xyxy(pb), _xyxy(tb)))).sum()
+            r = aspect_ratio(tb[:, 2], tb[:, 3]); wgt = ar_weight(r) if self.ar_weighting else torch.ones_like(r)
+            if self.coder.num_bins:
+                tgt = self.coder.encode(t['angles'][g], r).to(angle_out)
+                a = F.binary_cross_entropy_with_logits(angle_out[b, q], tgt, reduction='none').mean(-1)
+            else: a = (angle_out[b, q, 0] - t['angles'][g].to(angle_out)).abs()
+            ang = ang + (a * wgt.to(a)).sum()
+        cls = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction='sum')
+        return {'cls': cls / n, 'l1': l1 / n, 'giou': giou / n, 'angle': ang / n}
+
+    def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+        "`targets[b]`: `labels [G]`, `boxes [G, 4]` (normalised cx, cy, w, h), `angles [G]` (radians, le90)."
+        wc, wl, wg, wa = self.weights
+        parts = [self._one(outputs['logits'][l], outputs['boxes'][l], outputs['angle_out'][l], targets) for l in range(len(outputs['logits']))]
+        parts.append(self._one(outputs['enc_logits'], outputs['enc_boxes'], outputs['enc_angle_out'], targets, binary=True))
+        out = {k: sum(p[k] for p in parts) for k in ('cls', 'l1', 'giou', 'angle')}
+        out['loss'] = wc * out['cls'] + wl * out['l1'] + wg * out['giou'] + wa * out['angle']
+        return out
