@@ -298,11 +298,8 @@ class ARSDETR(torch.nn.Module):
         self.angle_branches = torch.nn.ModuleList(torch.nn.Linear(dim, n_angle) for _ in range(dec_layers + 1))
         prior = -math.log((1 - 0.01) / 0.01)
         for c in self.cls_branches: torch.nn.init.constant_(c.bias, prior)
-        for a in self.angle_branches:
-            if self.coder.num_bins: torch.nn.init.constant_(a.bias, prior)
-        for r_ in self.reg_branches:
+        for r_ in self.reg_branches:               # zero last layers (two-stage: no -2 bias on w, h), as the official head
             torch.nn.init.zeros_(r_.layers[-1].weight); torch.nn.init.zeros_(r_.layers[-1].bias)
-        torch.nn.init.constant_(self.reg_branches[0].layers[-1].bias[2:], -2.0)
 
     def angle_of(self, out: torch.Tensor) -> torch.Tensor:
         return self.coder.decode(out) if self.coder.num_bins else out[..., 0]
