@@ -64,10 +64,8 @@ def rotation_iou(r, degrees) -> torch.Tensor:
     r = np.asarray(torch.as_tensor(r, dtype=torch.float64).cpu(), np.float64).reshape(-1)
     d = np.deg2rad(np.asarray(degrees, np.float64).reshape(-1))
     R, D = np.meshgrid(r, d, indexing='ij'); R, D = R.ravel(), D.ravel()
-    base = np.stack([-R, -np.ones_like(R), R, -np.ones_like(R), R, np.ones_like(R), -R, np.ones_like(R)], 1)
-    c, s = np.cos(D)[:, None], np.sin(D)[:, None]
-    rot = base.copy(); rot[:, 0::2] = base[:, 0::2] * c - base[:, 1::2] * s; rot[:, 1::2] = base[:, 0::2] * s + base[:, 1::2] * c
-    inter = convex_intersection_area(base, rot); area = 4 * R
+    box = lambda t: rbox_to_poly(torch.from_numpy(np.stack([0 * R, 0 * R, 2 * R, 2 + 0 * R, t], 1)))   # 2r x 2, centred
+    inter = convex_intersection_area(box(0 * D), box(D)); area = 4 * R
     return torch.from_numpy((inter / (2 * area - inter)).reshape(len(r), len(d)))
 
 class AngleCoder:
@@ -124,7 +122,8 @@ def rotated_sampling_locations(reference_boxes: torch.Tensor, reference_angles: 
 
 # %% ../nbs/api/29_ars_detr.ipynb #bf34952f
 def _xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.cat([b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2], -1)
+    from torchvision.ops import box_convert
+    return box_convert(b, 'cxcywh', 'xyxy')
 
 def focal_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     "Deformable DETR's focal classification cost `[Q, G]`."
