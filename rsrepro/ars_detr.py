@@ -16,8 +16,9 @@ from .rotated import as_polygons, convex_intersection_area
 # %% auto #0
 __all__ = ['ANGLE_VERSIONS', 'norm_rbox', 'rbox_to_poly', 'poly_to_rbox', 'aspect_ratio', 'ar_weight', 'rotation_iou',
            'AngleCoder', 'rotated_sampling_locations', 'focal_cost', 'angle_bce_cost', 'hungarian_match',
-           'RotatedDeformableAttention', 'inverse_sigmoid', 'sine_position_embedding', 'proposal_position_embedding',
-           'EncoderLayer', 'DecoderLayer', 'ARSDETR', 'ARSCriterion']
+           'RotatedDeformableAttention', 'inverse_sigmoid', 'attention_reference', 'denoising_queries',
+           'denoising_pairs', 'sine_position_embedding', 'box_sine_embedding', 'EncoderLayer', 'DecoderLayer',
+           'ARSDETR', 'ARSCriterion']
 
 # %% ../nbs/api/29_ars_detr.ipynb #64cceb59
 ANGLE_VERSIONS = {'le90': -math.pi / 2, 'le135': -math.pi / 4}   # the start of each convention's angle range (length π)
@@ -213,6 +214,70 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
+def _cells(shapes: Sequence[tuple[int, int]], device=None) -> list[torch.Tensor]:
+    "Each level's cell centres `[h*w, 2]` (x, y), normalised."
+    return [torch.stack(torch.meshgrid((torch.arange(w, device=device) + 0.5) / w, (torch.arange(h, device=device) + 0.5) / h,
+                                       indexing='xy'), -1).reshape(-1, 2) for h, w in shapes]
+
+def attention_reference(boxes: torch.Tensor, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "The same rectangles with angles in [-π/4, π/4]: outside it, turn by a quarter-turn and swap w, h."
+    swap = (angles > math.pi / 4) | (angles < -math.pi / 4)
+    turned = torch.where(swap, angles - torch.sign(angles) * math.pi / 2, angles)
+    swapped = torch.where(swap[..., None], boxes[..., [0, 1, 3, 2]], boxes)
+    return swapped, turned
+
+def denoising_queries(targets: Sequence[dict], num_classes: int, label_embedding: torch.nn.Embedding, num_queries: int,
+                      num_dn: int = 100, label_noise: float = 0.5, box_noise: float = 0.4, angle_noise: float = 0.02) -> dict | None:
+    """Noised copies of the objects as decoder queries (see above): `label_query [B, pad, dim]`, `box_unact [B, pad, 4]`,
+    `angles [B, pad]`, `attn_mask [pad + num_queries]²` (True: blocked), `pad_size`, `num_groups`, `group_size`;
+    None when no image has an object."""
+    from torchvision.ops import box_convert
+    dev = label_embedding.weight.device
+    counts = [len(t['labels']) for t in targets]
+    G = max(counts, default=0)
+    if G == 0: return None
+    groups = max(num_dn // G, 1); pad = 2 * G * groups; B = len(targets)
+    label_query = torch.zeros(B, pad, label_embedding.embedding_dim, device=dev)
+    box_unact, angles = torch.zeros(B, pad, 4, device=dev), torch.zeros(B, pad, device=dev)
+    for b, (t, n) in enumerate(zip(targets, counts)):
+        if not n: continue
+        labels = t['labels'].to(dev).long().repeat(2 * groups)
+        boxes = t['boxes'].to(dev, torch.float32).repeat(2 * groups, 1)
+        ang = t['angles'].to(dev, torch.float32).repeat(2 * groups)
+        negative = (torch.arange(2 * groups, device=dev) % 2 == 1).repeat_interleave(n).float()
+        if label_noise > 0:
+            flip = torch.rand(len(labels), device=dev) < label_noise * 0.5
+            labels = torch.where(flip, torch.randint(0, num_classes, labels.shape, device=dev), labels)
+        if box_noise > 0:
+            xyxy = box_convert(boxes, 'cxcywh', 'xyxy')
+            diff = boxes[:, 2:].repeat(1, 2) / 2
+            part = (torch.rand_like(xyxy) + negative[:, None]) * (torch.randint(0, 2, xyxy.shape, device=dev) * 2. - 1.)
+            boxes = box_convert((xyxy + part * diff * box_noise).clamp(0, 1), 'xyxy', 'cxcywh')
+        if angle_noise > 0:
+            part = (torch.rand_like(ang) + negative) * (torch.randint(0, 2, ang.shape, device=dev) * 2. - 1.)
+            ang = norm_rbox(torch.cat([torch.ones(len(ang), 4, device=dev), (ang + part * ang * angle_noise)[:, None]], 1))[:, 4]
+        slots = (torch.arange(2 * groups, device=dev)[:, None] * G + torch.arange(n, device=dev)[None]).flatten()
+        label_query[b, slots] = label_embedding(labels)
+        box_unact[b, slots] = inverse_sigmoid(boxes, 1e-3)
+        angles[b, slots] = ang
+    mask = torch.zeros(pad + num_queries, pad + num_queries, dtype=torch.bool, device=dev)
+    mask[pad:, :pad] = True                                        # matching queries cannot see the denoising ones
+    for i in range(groups):                                        # nor can one group see another
+        mask[2 * G * i:2 * G * (i + 1), 2 * G * (i + 1):pad] = True
+        mask[2 * G * i:2 * G * (i + 1), :2 * G * i] = True
+    return {'label_query': label_query, 'box_unact': box_unact, 'angles': angles, 'attn_mask': mask,
+            'pad_size': pad, 'num_groups': groups, 'group_size': G}
+
+def denoising_pairs(meta: dict, targets: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    "Per image, (query, object) index pairs of the positive denoising copies."
+    G, groups = meta['group_size'], meta['num_groups']; out = []
+    for t in targets:
+        n = len(t['labels'])
+        q = (torch.arange(groups)[:, None] * 2 * G + torch.arange(n)[None]).flatten()
+        out.append((q, torch.arange(n).repeat(groups)))
+    return out
+
+# %% ../nbs/api/29_ars_detr.ipynb #045c0c2e
 def sine_position_embedding(h: int, w: int, num_feats: int = 128, temperature: float = 10000., device=None) -> torch.Tensor:
     "Deformable DETR's normalised sine embedding `[h*w, 2*num_feats]` (y then x; offset -0.5, scale 2π)."
     y = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h * 2 * math.pi
@@ -223,11 +288,12 @@ def sine_position_embedding(h: int, w: int, num_feats: int = 128, temperature: f
     py = torch.stack([py[:, 0::2].sin(), py[:, 1::2].cos()], 2).flatten(1)
     return torch.cat([py[:, None].expand(h, w, -1), px[None].expand(h, w, -1)], -1).reshape(h * w, -1)
 
-def proposal_position_embedding(boxes_unact: torch.Tensor, num_feats: int = 128, temperature: float = 10000.) -> torch.Tensor:
-    "The sine embedding `[B, N, 4*num_feats]` of proposal boxes given as logits."
-    dim_t = temperature ** (2 * (torch.arange(num_feats, device=boxes_unact.device) // 2) / num_feats)
-    pos = boxes_unact.sigmoid()[..., None] * 2 * math.pi / dim_t
-    return torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], -1).flatten(2)
+def box_sine_embedding(boxes: torch.Tensor, num_feats: int = 128, temperature: float = 10000.) -> torch.Tensor:
+    "DINO's sine embedding `[..., 4*num_feats]` of normalised boxes `(cx, cy, w, h)`, in the order y, x, w, h (scale 2π)."
+    dim_t = temperature ** (2 * (torch.arange(num_feats, device=boxes.device) // 2) / num_feats)
+    pos = boxes[..., None] * 2 * math.pi / dim_t
+    pos = torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], -1).flatten(-2)
+    return torch.cat([pos[..., 1, :], pos[..., 0, :], pos[..., 2, :], pos[..., 3, :]], -1)
 
 class _FFN(torch.nn.Module):
     def __init__(self, dim, hidden, dropout):
@@ -258,24 +324,28 @@ class DecoderLayer(torch.nn.Module):
         return self.ffn(self.norm2(q + self.drop2(self.cross(q + pos, memory, ref, shapes, ref_angles))))
 
 class _MLP(torch.nn.Module):
-    def __init__(self, dim, out, layers=3):
+    def __init__(self, dim, out, layers=3, hidden=None):
         super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim if i < layers - 1 else out) for i in range(layers))
+        hidden = hidden or dim
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim if i == 0 else hidden, hidden if i < layers - 1 else out) for i in range(layers))
     def forward(self, x):
         for i, l in enumerate(self.layers): x = l(x) if i == len(self.layers) - 1 else F.relu(l(x))
         return x
 
 class ARSDETR(torch.nn.Module):
-    "ARS-DETR (two-stage rotated Deformable DETR with box refinement and an angle coder); see above."
+    "ARS-DETR (two-stage rotated Deformable DETR with box refinement, an angle coder and denoising queries); see above."
     def __init__(self, num_classes: int = 15, coder: AngleCoder | None = None, dim: int = 256, num_heads: int = 8,
                  enc_layers: int = 6, dec_layers: int = 6, ffn: int = 1024, dropout: float = 0.1, num_queries: int = 300,
-                 num_levels: int = 4, num_points: int = 4, backbone: str = 'resnet50', frozen_stages: int = 1):
+                 num_levels: int = 4, num_points: int = 4, backbone: str = 'resnet50', frozen_stages: int = 1,
+                 rotate_deform_attn: bool = True, num_dn: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
+                 angle_noise: float = 0.02):
         super().__init__()
         import torchvision
         from torchvision.models.feature_extraction import create_feature_extractor
         from torchvision.ops import FrozenBatchNorm2d
         self.coder = coder if coder is not None else AngleCoder()
-        self.num_classes, self.num_queries, self.dim = num_classes, num_queries, dim
+        self.num_classes, self.num_queries, self.dim, self.rotate_deform_attn = num_classes, num_queries, dim, rotate_deform_attn
+        self.num_dn, self.label_noise, self.box_noise, self.angle_noise = num_dn, label_noise, box_noise, angle_noise
         r = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
         for name, p in r.named_parameters():                       # frozen stem (+ the first `frozen_stages` stages)
             if name.startswith(('conv1', 'bn1')) or any(name.startswith(f'layer{i}.') for i in range(1, frozen_stages + 1)):
@@ -290,7 +360,10 @@ class ARSDETR(torch.nn.Module):
         self.encoder = torch.nn.ModuleList(EncoderLayer(dim, num_heads, num_levels, num_points, ffn, dropout) for _ in range(enc_layers))
         self.decoder = torch.nn.ModuleList(DecoderLayer(dim, num_heads, num_levels, num_points, ffn, dropout) for _ in range(dec_layers))
         self.enc_output, self.enc_output_norm = torch.nn.Linear(dim, dim), torch.nn.LayerNorm(dim)
-        self.pos_trans, self.pos_trans_norm = torch.nn.Linear(2 * dim, 2 * dim), torch.nn.LayerNorm(2 * dim)
+        self.query_embed = torch.nn.Embedding(num_queries, dim)                 # the matching queries' content
+        self.ref_point_head = _MLP(2 * dim, dim, layers=2, hidden=dim)           # box sine embedding -> query position
+        self.decoder_norm = torch.nn.LayerNorm(dim)
+        self.label_embedding = torch.nn.Embedding(num_classes, dim)             # denoising queries' content
         n_angle = self.coder.num_bins or 1
         self.cls_branches = torch.nn.ModuleList(torch.nn.Linear(dim, num_classes) for _ in range(dec_layers + 1))
         self.reg_branches = torch.nn.ModuleList(_MLP(dim, 4) for _ in range(dec_layers + 1))
@@ -309,19 +382,26 @@ class ARSDETR(torch.nn.Module):
         if len(self.neck) > 3: out.append(self.neck[3](c[-1]))
         return out
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, images: torch.Tensor) -> dict:
+        "Backbone, neck and encoder: `{'memory': [B, S, dim], 'shapes': [(h, w) per level]}`."
         feats = self.features(images); B = images.shape[0]
         shapes = [tuple(f.shape[-2:]) for f in feats]
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
         pos = torch.cat([sine_position_embedding(h, w, self.dim // 2, device=src.device) + self.level_embed[l]
                          for l, (h, w) in enumerate(shapes)], 0)[None].expand(B, -1, -1)
-        cells = [torch.stack(torch.meshgrid((torch.arange(w, device=src.device) + 0.5) / w, (torch.arange(h, device=src.device) + 0.5) / h,
-                                            indexing='xy'), -1).reshape(-1, 2) for h, w in shapes]
-        ref_pts = torch.cat(cells, 0)[None, :, None].expand(B, -1, len(shapes), -1)
+        ref_pts = torch.cat(_cells(shapes, src.device), 0)[None, :, None].expand(B, -1, len(shapes), -1)
         memory = src
         for layer in self.encoder: memory = layer(memory, pos, ref_pts, shapes)
+        return {'memory': memory, 'shapes': shapes}
+
+    def decode(self, memory: torch.Tensor, shapes: Sequence[tuple[int, int]], targets: Sequence[dict] | None = None,
+               dn: dict | None = None) -> dict[str, torch.Tensor]:
+        """Proposals, then the decoder. In training with `targets` (and `num_dn > 0`) denoising queries go first; their
+        outputs are returned under `'dn'` and the matching queries' outputs under the usual keys. `dn` reuses a set."""
+        B = memory.shape[0]
         # two stages: one proposal per encoder position, the top `num_queries` start the decoder
-        wh = torch.cat([torch.full((h * w, 2), 0.05 * 2.0 ** l, device=src.device) for l, (h, w) in enumerate(shapes)], 0)
+        cells = _cells(shapes, memory.device)
+        wh = torch.cat([torch.full((h * w, 2), 0.05 * 2.0 ** l, device=memory.device) for l, (h, w) in enumerate(shapes)], 0)
         prop = torch.cat([torch.cat(cells, 0), wh], -1)
         valid = ((prop > 0.01) & (prop < 0.99)).all(-1)
         prop_unact = torch.where(valid[:, None], inverse_sigmoid(prop), torch.full_like(prop, 10000.))[None].expand(B, -1, -1)
@@ -333,55 +413,96 @@ class ARSDETR(torch.nn.Module):
         top = enc_logits[..., 0].topk(k, dim=1).indices
         gather = lambda t: t.gather(1, top[..., None].expand(-1, -1, t.shape[-1]))
         ref_unact = gather(enc_coord_unact).detach()
-        ref_boxes, ref_angles = ref_unact.sigmoid(), self.angle_of(gather(enc_angle).detach()).detach()
-        qpos, q = self.pos_trans_norm(self.pos_trans(proposal_position_embedding(ref_unact, self.dim // 2))).split(self.dim, -1)
-        logits, boxes, angles = [], [], []
+        ref_angles = self.angle_of(gather(enc_angle).detach()).detach()
+        q = self.query_embed.weight[None, :k].expand(B, -1, -1)
+        if dn is None and self.training and targets is not None and self.num_dn > 0:
+            dn = denoising_queries(targets, self.num_classes, self.label_embedding, k, self.num_dn,
+                                   self.label_noise, self.box_noise, self.angle_noise)
+        pad, mask = (dn['pad_size'], dn['attn_mask']) if dn is not None else (0, None)
+        if pad:
+            q = torch.cat([dn['label_query'], q], 1)
+            ref_unact, ref_angles = torch.cat([dn['box_unact'], ref_unact], 1), torch.cat([dn['angles'], ref_angles], 1)
+        ref_boxes = ref_unact.sigmoid()
+        logits, boxes, angles, hidden = [], [], [], []
         for l, layer in enumerate(self.decoder):
-            q = layer(q, qpos, memory, ref_boxes, ref_angles, shapes)
-            new = (self.reg_branches[l](q) + inverse_sigmoid(ref_boxes)).sigmoid()
-            a = self.angle_branches[l](q)
-            logits.append(self.cls_branches[l](q)); boxes.append(new); angles.append(a)
-            ref_boxes, ref_angles = new.detach(), self.angle_of(a).detach()      # refined, re-decoded, detached
-        return {'logits': torch.stack(logits), 'boxes': torch.stack(boxes), 'angle_out': torch.stack(angles),
-                'angles': self.angle_of(angles[-1]), 'enc_logits': enc_logits, 'enc_boxes': enc_coord_unact.sigmoid(),
-                'enc_angle_out': enc_angle}
+            rb, ra = attention_reference(ref_boxes, ref_angles) if self.rotate_deform_attn else (ref_boxes, ref_angles)
+            qpos = self.ref_point_head(box_sine_embedding(rb, self.dim // 2))
+            q = layer(q, qpos, memory, rb, ra, shapes, mask)
+            h = self.decoder_norm(q)
+            a = self.angle_branches[l](h)
+            logits.append(self.cls_branches[l](h)); angles.append(a); hidden.append(h)
+            boxes.append((self.reg_branches[l](h) + inverse_sigmoid(ref_boxes)).sigmoid())
+            # refined, re-decoded and detached references, from the un-normalised state (as the official decoder)
+            ref_boxes = (self.reg_branches[l](q) + inverse_sigmoid(ref_boxes, 1e-3)).sigmoid().detach()
+            ref_angles = self.angle_of(self.angle_branches[l](q)).detach()
+        st = lambda xs: torch.stack(xs)
+        logits, boxes, angles, hidden = st(logits), st(boxes), st(angles), st(hidden)
+        out = {'logits': logits[:, :, pad:], 'boxes': boxes[:, :, pad:], 'angle_out': angles[:, :, pad:],
+               'hidden': hidden[:, :, pad:], 'angles': self.angle_of(angles[-1, :, pad:]), 'enc_logits': enc_logits,
+               'enc_boxes': enc_coord_unact.sigmoid(), 'enc_angle_out': enc_angle}
+        if pad:
+            out['dn'] = {'logits': logits[:, :, :pad], 'boxes': boxes[:, :, :pad], 'angle_out': angles[:, :, :pad],
+                         'hidden': hidden[:, :, :pad], 'meta': dn}
+        return out
+
+    def forward(self, images: torch.Tensor, targets: Sequence[dict] | None = None) -> dict[str, torch.Tensor]:
+        return self.decode(**self.encode(images), targets=targets)
 
 # %% ../nbs/api/29_ars_detr.ipynb #97bb7eae
 class ARSCriterion(torch.nn.Module):
-    "ARS-DETR's set loss over decoder layers and proposals: `forward(outputs, targets) -> {name: loss}` with `'loss'` the total."
+    "ARS-DETR's set loss over decoder layers, proposals and denoising queries: `forward(outputs, targets) -> {name: loss}`, `'loss'` the total."
     def __init__(self, num_classes: int, coder: AngleCoder, weights: Sequence[float] = (2., 2., 5., 2.), ar_weighting: bool = True,
                  alpha: float = 0.25, gamma: float = 2.0):
         super().__init__()
         self.num_classes, self.coder, self.weights, self.ar_weighting, self.alpha, self.gamma = num_classes, coder, tuple(weights), ar_weighting, alpha, gamma
 
-    def _one(self, logits, boxes, angle_out, targets, binary: bool = False) -> dict[str, torch.Tensor]:
+    def match(self, logits, boxes, angle_out, targets, binary: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        "Per image, Hungarian (query, object) pairs."
+        return [hungarian_match(logits[b], boxes[b], angle_out[b] if self.coder.num_bins else angle_out[b, :, 0],
+                                torch.zeros_like(t['labels']) if binary else t['labels'], t['boxes'], t['angles'],
+                                self.coder, self.weights, self.ar_weighting) for b, t in enumerate(targets)]
+
+    def terms(self, logits, boxes, angle_out, targets, pairs, binary: bool = False) -> dict[str, torch.Tensor]:
+        "Focal, L1, GIoU and angle losses of given (query, object) pairs, normalised by their number; unpaired queries are background."
         from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
-        n = max(sum(len(t['labels']) for t in targets), 1)
+        n = max(sum(len(q) for q, _ in pairs), 1)
         onehot = torch.zeros_like(logits); l1 = giou = ang = logits.new_zeros(())
-        for b, t in enumerate(targets):
-            labels = torch.zeros_like(t['labels']) if binary else t['labels']
-            q, g = hungarian_match(logits[b], boxes[b], angle_out[b] if self.coder.num_bins else angle_out[b, :, 0], labels,
-                                   t['boxes'], t['angles'], self.coder, self.weights, self.ar_weighting)
+        for b, (t, (q, g)) in enumerate(zip(targets, pairs)):
             q, g = q.to(logits.device), g.to(logits.device)
             if not len(q): continue
-            onehot[b, q, labels[g]] = 1
-            pb, tb = boxes[b, q], t['boxes'][g].to(boxes)
+            labels = torch.zeros_like(t['labels']) if binary else t['labels']
+            onehot[b, q, labels.to(logits.device)[g]] = 1
+            pb, tb = boxes[b, q], t['boxes'].to(boxes)[g]
             l1 = l1 + (pb - tb).abs().sum()
             giou = giou + (1 - torch.diag(generalized_box_iou(_xyxy(pb), _xyxy(tb)))).sum()
             r = aspect_ratio(tb[:, 2], tb[:, 3]); wgt = ar_weight(r) if self.ar_weighting else torch.ones_like(r)
+            ta = t['angles'].to(angle_out)[g]
             if self.coder.num_bins:
-                tgt = self.coder.encode(t['angles'][g], r).to(angle_out)
+                tgt = self.coder.encode(ta, r).to(angle_out)
                 a = F.binary_cross_entropy_with_logits(angle_out[b, q], tgt, reduction='none').mean(-1)
-            else: a = (angle_out[b, q, 0] - t['angles'][g].to(angle_out)).abs()
+            else: a = (angle_out[b, q, 0] - ta).abs()
             ang = ang + (a * wgt.to(a)).sum()
         cls = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction='sum')
         return {'cls': cls / n, 'l1': l1 / n, 'giou': giou / n, 'angle': ang / n}
 
-    def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
-        "`targets[b]`: `labels [G]`, `boxes [G, 4]` (normalised cx, cy, w, h), `angles [G]` (radians, le90)."
-        wc, wl, wg, wa = self.weights
-        parts = [self._one(outputs['logits'][l], outputs['boxes'][l], outputs['angle_out'][l], targets) for l in range(len(outputs['logits']))]
-        parts.append(self._one(outputs['enc_logits'], outputs['enc_boxes'], outputs['enc_angle_out'], targets, binary=True))
-        out = {k: sum(p[k] for p in parts) for k in ('cls', 'l1', 'giou', 'angle')}
-        out['loss'] = wc * out['cls'] + wl * out['l1'] + wg * out['giou'] + wa * out['angle']
+    def forward(self, outputs: dict, targets: Sequence[dict], return_pairs: bool = False) -> dict[str, torch.Tensor]:
+        """`targets[b]`: `labels [G]`, `boxes [G, 4]` (normalised cx, cy, w, h), `angles [G]` (radians, le90).
+        With `return_pairs`, `'pairs'` holds the last decoder layer's matched pairs (matching, then denoising)."""
+        wc, wl, wg, wa = self.weights; keys = ('cls', 'l1', 'giou', 'angle')
+        parts, pairs = [], None
+        for l in range(len(outputs['logits'])):
+            pairs = self.match(outputs['logits'][l], outputs['boxes'][l], outputs['angle_out'][l], targets)
+            parts.append(self.terms(outputs['logits'][l], outputs['boxes'][l], outputs['angle_out'][l], targets, pairs))
+        enc = (outputs['enc_logits'], outputs['enc_boxes'], outputs['enc_angle_out'])
+        parts.append(self.terms(*enc, targets, self.match(*enc, targets, binary=True), binary=True))
+        out = {k: sum(p[k] for p in parts) for k in keys}
+        total = wc * out['cls'] + wl * out['l1'] + wg * out['giou'] + wa * out['angle']
+        dn = outputs.get('dn')
+        if dn is not None:
+            dn_pairs = denoising_pairs(dn['meta'], targets)
+            dparts = [self.terms(dn['logits'][l], dn['boxes'][l], dn['angle_out'][l], targets, dn_pairs) for l in range(len(dn['logits']))]
+            for k in keys: out['dn_' + k] = sum(p[k] for p in dparts)
+            total = total + wc * out['dn_cls'] + wl * out['dn_l1'] + wg * out['dn_giou'] + wa * out['dn_angle']
+        out['loss'] = total
+        if return_pairs: out['pairs'] = (pairs, denoising_pairs(dn['meta'], targets) if dn is not None else None)
         return out

@@ -148,7 +148,7 @@ DOTA = __import__('pathlib').Path(__file__).resolve().parents[2]/'shared'/'data'
 
 @pytest.mark.skipif(not (DOTA/'images').is_dir(), reason='the real DOTA samples are absent')
 def test_ars_detr_loss_falls_on_a_real_dota_tile():
-    "A small ARS-DETR (ResNet-18, 2+2 layers) on one real 256-px DOTA tile: 40 AdamW steps cut the loss by a third."
+    "A small ARS-DETR (ResNet-18, 2+2 layers, denoising on) on one real 256-px DOTA tile: 40 AdamW steps cut the loss by a third."
     from rsrepro.ars_detr import ARSCriterion, ARSDETR
     from rsrepro.io import read_image
     from rsrepro.rotated import read_dota_gt, split_image
@@ -166,7 +166,7 @@ def test_ars_detr_loss_falls_on_a_real_dota_tile():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     losses = []
     for _ in range(40):
-        loss = crit(model(x), target)['loss']
+        loss = crit(model(x, target), target)['loss']      # with denoising queries, as in training
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.67 * losses[0], losses[::5]
@@ -185,3 +185,55 @@ def test_table_9_variants_are_switches_of_one_model():
         assert out['angle_out'].shape[-1] == n and out['angles'].shape == (1, 10)
         L = ARSCriterion(3, coder)(out, tg)
         assert torch.isfinite(L['loss']) and L['angle'] > 0
+
+
+def test_attention_reference_quarter_turn_by_hand():
+    "A reference at 1.2 rad is the same rectangle at 1.2 - π/2 with w, h swapped; one within ±π/4 is untouched."
+    from rsrepro.ars_detr import attention_reference
+    b, a = attention_reference(torch.tensor([[.5, .4, .3, .1], [.2, .2, .1, .2]]), torch.tensor([1.2, 0.5]))
+    assert torch.allclose(b, torch.tensor([[.5, .4, .1, .3], [.2, .2, .1, .2]]))
+    assert torch.allclose(a, torch.tensor([1.2 - math.pi / 2, 0.5]))
+    b, a = attention_reference(torch.tensor([[.5, .5, .3, .1]]), torch.tensor([-1.5]))
+    assert torch.allclose(a, torch.tensor([-1.5 + math.pi / 2])) and torch.allclose(b, torch.tensor([[.5, .5, .1, .3]]))
+
+
+def test_denoising_noise_scales_groups_and_pairs():
+    "Positive copies move corners by at most 0.4 of the half-size, negatives by 0.4 to 0.8; angles by at most 2 % (4 %);"
+    " about a quarter of labels flip; the positive pairs sit at g·2G + i."
+    from torchvision.ops import box_convert
+    from rsrepro.ars_detr import denoising_pairs, denoising_queries
+    torch.manual_seed(0)
+    n = 5
+    boxes = torch.tensor([[.5, .5, .2, .1]]).repeat(n, 1); ang = torch.full((n,), 1.0)
+    tg = [{'labels': torch.arange(n) % 3, 'boxes': boxes, 'angles': ang}]
+    emb = torch.nn.Embedding(3, 4)
+    d = denoising_queries(tg, 3, emb, num_queries=7, num_dn=100, label_noise=0.5)
+    G, groups = d['group_size'], d['num_groups']
+    assert (G, groups, d['pad_size']) == (5, 20, 200)
+    slot = torch.arange(d['pad_size']); neg = (slot // G) % 2 == 1
+    xyxy = box_convert(d['box_unact'][0].sigmoid(), 'cxcywh', 'xyxy')
+    shift = (xyxy - box_convert(boxes[:1], 'cxcywh', 'xyxy')).abs() / torch.tensor([.1, .05, .1, .05])
+    assert shift[~neg].max() <= 0.4 + 1e-3 and shift[neg].min() >= 0.4 - 1e-3 and shift[neg].max() <= 0.8 + 1e-3
+    da = (d['angles'][0] - 1.0).abs()
+    assert da[~neg].max() <= 0.02 + 1e-6 and da[neg].min() >= 0.02 - 1e-6 and da[neg].max() <= 0.04 + 1e-6
+    # label flips: compare the content to each slot's true label embedding
+    true = (tg[0]['labels']).repeat(2 * groups)
+    flipped = (d['label_query'][0] != emb(true)).any(-1).float().mean()
+    assert 0.1 < flipped < 0.3                                   # p = 0.25, of which 2/3 land on another class
+    (q, g), = denoising_pairs(d, tg)
+    assert torch.equal(q[:n], torch.arange(n)) and torch.equal(q[n:2 * n], 2 * G + torch.arange(n)) and torch.equal(g[:2 * n], torch.arange(n).repeat(2))
+
+
+def test_denoising_queries_do_not_leak_into_matching_queries():
+    "Without dropout, the matching queries' outputs are the same with and without denoising queries (the mask)."
+    from rsrepro.ars_detr import ARSDETR, denoising_queries
+    torch.manual_seed(0)
+    m = ARSDETR(num_classes=3, dim=32, num_heads=2, enc_layers=1, dec_layers=2, ffn=64, num_queries=10, backbone='resnet18').eval()
+    tg = [{'labels': torch.tensor([1, 2]), 'boxes': torch.tensor([[.5, .5, .3, .1], [.2, .3, .1, .1]]), 'angles': torch.tensor([0.4, -1.])}]
+    with torch.no_grad():
+        enc = m.encode(torch.randn(1, 3, 96, 96))
+        a = m.decode(**enc)
+        b = m.decode(**enc, dn=denoising_queries(tg, 3, m.label_embedding, 10))
+        c = m.decode(**enc, dn={**denoising_queries(tg, 3, m.label_embedding, 10), 'attn_mask': None})
+    assert torch.allclose(a['logits'], b['logits'], atol=1e-5) and torch.allclose(a['hidden'], b['hidden'], atol=1e-5)
+    assert not torch.allclose(a['logits'], c['logits'], atol=1e-4)    # without the mask they would leak
