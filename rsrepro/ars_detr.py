@@ -395,9 +395,10 @@ class ARSDETR(torch.nn.Module):
         return {'memory': memory, 'shapes': shapes}
 
     def decode(self, memory: torch.Tensor, shapes: Sequence[tuple[int, int]], targets: Sequence[dict] | None = None,
-               dn: dict | None = None) -> dict[str, torch.Tensor]:
+               dn: dict | None = None, proposal_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Proposals, then the decoder. In training with `targets` (and `num_dn > 0`) denoising queries go first; their
-        outputs are returned under `'dn'` and the matching queries' outputs under the usual keys. `dn` reuses a set."""
+        outputs are returned under `'dn'` and the matching queries' outputs under the usual keys. `dn` reuses a set.
+        `proposal_weight [B, S]` multiplies the proposals' class logit before the top-k (MutDet's similarity ranking)."""
         B = memory.shape[0]
         # two stages: one proposal per encoder position, the top `num_queries` start the decoder
         cells = _cells(shapes, memory.device)
@@ -410,7 +411,8 @@ class ARSDETR(torch.nn.Module):
         enc_logits, enc_angle = self.cls_branches[L](out_mem), self.angle_branches[L](out_mem)
         enc_coord_unact = self.reg_branches[L](out_mem) + prop_unact
         k = min(self.num_queries, enc_logits.shape[1])
-        top = enc_logits[..., 0].topk(k, dim=1).indices
+        score = enc_logits[..., 0] if proposal_weight is None else enc_logits[..., 0] * proposal_weight
+        top = score.topk(k, dim=1).indices
         gather = lambda t: t.gather(1, top[..., None].expand(-1, -1, t.shape[-1]))
         ref_unact = gather(enc_coord_unact).detach()
         ref_angles = self.angle_of(gather(enc_angle).detach()).detach()
@@ -487,14 +489,15 @@ class ARSCriterion(torch.nn.Module):
 
     def forward(self, outputs: dict, targets: Sequence[dict], return_pairs: bool = False) -> dict[str, torch.Tensor]:
         """`targets[b]`: `labels [G]`, `boxes [G, 4]` (normalised cx, cy, w, h), `angles [G]` (radians, le90).
-        With `return_pairs`, `'pairs'` holds the last decoder layer's matched pairs (matching, then denoising)."""
+        With `return_pairs`, `'pairs'` holds the matched pairs: `{'last': last decoder layer, 'enc': proposals, 'dn': denoising}`."""
         wc, wl, wg, wa = self.weights; keys = ('cls', 'l1', 'giou', 'angle')
         parts, pairs = [], None
         for l in range(len(outputs['logits'])):
             pairs = self.match(outputs['logits'][l], outputs['boxes'][l], outputs['angle_out'][l], targets)
             parts.append(self.terms(outputs['logits'][l], outputs['boxes'][l], outputs['angle_out'][l], targets, pairs))
         enc = (outputs['enc_logits'], outputs['enc_boxes'], outputs['enc_angle_out'])
-        parts.append(self.terms(*enc, targets, self.match(*enc, targets, binary=True), binary=True))
+        enc_pairs = self.match(*enc, targets, binary=True)
+        parts.append(self.terms(*enc, targets, enc_pairs, binary=True))
         out = {k: sum(p[k] for p in parts) for k in keys}
         total = wc * out['cls'] + wl * out['l1'] + wg * out['giou'] + wa * out['angle']
         dn = outputs.get('dn')
@@ -504,5 +507,5 @@ class ARSCriterion(torch.nn.Module):
             for k in keys: out['dn_' + k] = sum(p[k] for p in dparts)
             total = total + wc * out['dn_cls'] + wl * out['dn_l1'] + wg * out['dn_giou'] + wa * out['dn_angle']
         out['loss'] = total
-        if return_pairs: out['pairs'] = (pairs, denoising_pairs(dn['meta'], targets) if dn is not None else None)
+        if return_pairs: out['pairs'] = {'last': pairs, 'enc': enc_pairs, 'dn': denoising_pairs(dn['meta'], targets) if dn is not None else None}
         return out

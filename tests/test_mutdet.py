@@ -1,0 +1,145 @@
+"MutDet: preparation (boxes, crops, pseudo-classes), the mutual enhancement module, the alignment loss, the siamese head."
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsrepro.core import DataFormatError, DataNotFoundError
+from rsrepro.mutdet import (FileBoxes, MutDet, MutualEnhancement, PseudoClasses, SAMBoxes, SelectiveSearchBoxes,
+                            contrastive_alignment, embedding_mse, fit_pseudo_classes, mask_polygons, rotated_crops)
+
+DATA = __import__('pathlib').Path(__file__).resolve().parents[2]/'shared'/'data'
+SMALL = dict(num_classes=8, dim=64, num_heads=4, enc_layers=1, dec_layers=1, ffn=128, num_queries=20, backbone='resnet18',
+             depth=1, mlp_dim=128)
+
+
+def _batch(n_obj=(3, 2), dim=64, classes=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tg = [{'labels': torch.randint(0, classes, (n,), generator=g), 'boxes': torch.rand(n, 4, generator=g) * 0.4 + 0.2,
+           'angles': torch.rand(n, generator=g) * 2 - 1, 'embeddings': F.normalize(torch.randn(n, dim, generator=g), dim=-1)}
+          for n in n_obj]
+    return {'image': torch.randn(len(n_obj), 3, 96, 96, generator=g), 'targets': tg}
+
+
+def test_info_nce_at_a_known_value():
+    "Orthogonal unit pairs, τ 0.2: each direction's CE is log(1 + e^-5); the official scale 4τ·mean gives 0.8·log(1 + e^-5)."
+    q = torch.tensor([[1., 0.], [0., 1.]])
+    assert torch.isclose(contrastive_alignment(q, q), torch.tensor(0.8 * math.log1p(math.exp(-5))), atol=1e-6)
+    # three pairs at 60° apart in 2-d, by hand
+    a = torch.tensor([[1., 0.], [math.cos(2 * math.pi / 3), math.sin(2 * math.pi / 3)], [math.cos(4 * math.pi / 3), math.sin(4 * math.pi / 3)]])
+    ce = -math.log(math.exp(5) / (math.exp(5) + 2 * math.exp(-2.5)))
+    assert torch.isclose(contrastive_alignment(a, a), torch.tensor(0.8 * ce), atol=1e-5)
+    assert contrastive_alignment(a, a.roll(1, 0)) > 5 and embedding_mse(a, 2 * a) < 1e-10
+
+
+def test_mutual_enhancement_is_bidirectional_and_per_image():
+    "The embeddings change the memory and the memory changes the embeddings; another image's objects change nothing."
+    torch.manual_seed(0)
+    me = MutualEnhancement(dim=32, depth=3, num_heads=4, mlp_dim=64).eval()
+    e, f = torch.randn(1, 6, 32), torch.randn(1, 50, 32)
+    e1, f1 = me(e, f)
+    _, f2 = me(e + 0.5 * torch.randn_like(e), f)
+    e3, _ = me(e, f + 0.5 * torch.randn_like(f))
+    assert not torch.allclose(f1, f2, atol=1e-4) and not torch.allclose(e1, e3, atol=1e-4)
+    # permuting the objects permutes the enhanced embeddings and leaves the memory unchanged (no position embeddings)
+    perm = torch.randperm(6)
+    e4, f4 = me(e[:, perm], f)
+    assert torch.allclose(e4, e1[:, perm], atol=1e-5) and torch.allclose(f4, f1, atol=1e-5)
+
+
+def test_siamese_head_shares_weights_and_sees_the_raw_memory():
+    "One decoder: the siamese pass has no parameters of its own, its loss trains the shared decoder, and the enhanced memory never reaches it."
+    torch.manual_seed(0)
+    m = MutDet(**SMALL)
+    plain = MutDet(calibration=None, **SMALL)
+    assert {n for n, _ in m.named_parameters()} == {n for n, _ in plain.named_parameters()}     # no extra head
+    out = m(_batch())
+    m.zero_grad(); out['s_loss'].backward()
+    assert m.detector.decoder[0].cross.sampling_offsets.weight.grad.abs().sum() > 0
+    assert m.detector.cls_branches[0].weight.grad.abs().sum() > 0
+    assert m.mutual_enhancement.layers[-1].cross_attn_memory_to_embed.q.weight.grad is None
+    assert m.memory_proj.weight.grad is not None                     # through the enhanced embeddings it aligns with
+    # with the enhanced memory changed by hand, the siamese outputs do not move
+    det = m.detector.eval(); b = _batch()
+    with torch.no_grad():
+        enc = det.encode(b['image'])
+        s1 = det.decode(enc['memory'], enc['shapes'])
+        s2 = det.decode(enc['memory'], enc['shapes'])
+    assert torch.equal(s1['logits'], s2['logits'])
+
+
+def test_backbone_frozen_and_table7_switches():
+    "The backbone gets no gradient; DETReg (no switches) has no enhancement module; every calibration trains."
+    torch.manual_seed(0)
+    b = _batch()
+    for cal in MutDet.CALIBRATIONS:
+        m = MutDet(calibration=cal, **SMALL)
+        L = m(b); L['loss'].backward()
+        assert torch.isfinite(L['loss']) and all(p.grad is None for p in m.detector.backbone.parameters())
+    d = MutDet(contrastive=False, enhanced_embedding=False, enhanced_feature=False, encoder_loss=False, calibration=None, **SMALL)
+    assert d.mutual_enhancement is None and 'enc_align' not in d(b)
+    with pytest.raises(ValueError, match='calibration'): MutDet(calibration='bogus', **SMALL)
+    bad = _batch(dim=32)
+    with pytest.raises(ValueError, match='64-d'): MutDet(**SMALL)(bad)
+
+
+def test_rotated_crop_by_hand():
+    "An axis-aligned square at 1 px per output pixel is the exact slice; 90° is a quarter-turn of it."
+    torch.manual_seed(0)
+    im = torch.rand(3, 40, 60)
+    sq = rotated_crops(im, torch.tensor([[30., 20., 8., 8., 0.], [30., 20., 8., 8., math.pi / 2]]), size=8, enlarge=1.0)
+    assert torch.allclose(sq[0], im[:, 16:24, 26:34], atol=1e-5)
+    assert torch.allclose(sq[1], torch.rot90(sq[0], k=1, dims=(1, 2)), atol=1e-5)
+    big = rotated_crops(im, torch.tensor([[30., 20., 8., 8., 0.]]), size=12, enlarge=1.5)
+    assert torch.allclose(big[0], im[:, 14:26, 24:36], atol=1e-5)    # enlarged 1.5x
+
+
+def test_mask_polygons_and_box_sources(tmp_path):
+    import cv2
+    m = np.zeros((100, 120), np.uint8)
+    cv2.fillPoly(m, [cv2.boxPoints(((60, 50), (60, 20), 30)).astype(np.int32)], 1)
+    (cx, cy), (w, h), _ = cv2.minAreaRect(mask_polygons(m[None].astype(bool))[0])
+    assert abs(cx - 60) < 1.5 and abs(cy - 50) < 1.5 and abs(max(w, h) - 60) < 2 and abs(min(w, h) - 20) < 2
+    with pytest.raises(DataNotFoundError, match='never downloads'): SAMBoxes(tmp_path/'sam_vit_h.pth')
+    (tmp_path/'a.txt').write_text('1 2 3 4 5 6 7 8 plane 0\n10 10 20 10 20 20 10 20\n')
+    (tmp_path/'b.txt').write_text('1 2 3 4 x 6 7 8\n')
+    fb = FileBoxes(tmp_path)
+    assert fb(None, 'a').shape == (2, 4, 2)
+    with pytest.raises(DataFormatError, match='b.txt:1'): fb(None, 'b')
+    with pytest.raises(DataNotFoundError, match='c.txt'): fb(None, 'c')
+
+
+@pytest.mark.skipif(not (DATA/'DOTA'/'images').is_dir(), reason='the real DOTA samples are absent')
+def test_selective_search_on_a_real_dota_tile_recalls_objects():
+    "On a real 256-px DOTA crop, some selective-search box overlaps at least half of the labelled vehicles at IoU >= 0.3."
+    from rsrepro.io import read_image
+    from rsrepro.rotated import poly_iou, read_dota_gt
+    img = read_image(DATA/'DOTA'/'images'/'P1888.png')[..., :3]
+    g = read_dota_gt(DATA/'DOTA'/'labelTxt')['P1888']
+    allp = np.asarray(g['polygons'], np.float64).reshape(-1, 4, 2)
+    def inside(y0, x0):
+        p = allp - (x0, y0)
+        return (p.reshape(-1, 8).min(1) >= 0) & (p[..., 0].max(1) < 256) & (p[..., 1].max(1) < 256)
+    H, W = img.shape[:2]
+    y0, x0 = max(((y, x) for y in range(0, H - 255, 128) for x in range(0, W - 255, 128)), key=lambda t: inside(*t).sum())
+    keep = inside(y0, x0); polys = allp - (x0, y0)
+    assert keep.sum() >= 5
+    crop = np.ascontiguousarray(img[y0:y0 + 256, x0:x0 + 256])
+    boxes = SelectiveSearchBoxes(scale=100, min_size=20)(crop)
+    assert 10 < len(boxes) <= 1000
+    iou = np.asarray(poly_iou(polys[keep].reshape(-1, 8), boxes.reshape(-1, 8).astype(np.float64)))
+    assert (iou.max(1) >= 0.3).mean() >= 0.5, iou.max(1)
+
+
+def test_pseudo_classes_fit_assign_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    X = np.concatenate([c + rng.normal(0, 0.1, (30, 40)) for c in rng.normal(0, 3, (4, 40))])
+    pc = fit_pseudo_classes(X, dim=6, k=4)
+    lab = pc.assign(pc.embed(X))
+    assert all(len(set(lab[i * 30:(i + 1) * 30])) == 1 for i in range(4)) and len(set(lab)) == 4
+    assert np.allclose(np.linalg.norm(pc.centroids, axis=1), 1)
+    with pytest.raises(ValueError, match='at least 256'): fit_pseudo_classes(X, dim=6, k=256)
+    (tmp_path/'bad.npz').write_bytes(b'nonsense')
+    with pytest.raises(DataFormatError, match='bad.npz'): PseudoClasses.load(tmp_path/'bad.npz')
