@@ -9,7 +9,8 @@ import argparse, sys
 from .core import RsreproError
 
 # %% auto #0
-__all__ = ['cmd_published', 'cmd_tables', 'cmd_reproduce', 'cmd_site', 'cmd_bench', 'cmd_eval_dota', 'build_parser', 'main']
+__all__ = ['cmd_published', 'cmd_tables', 'cmd_reproduce', 'cmd_site', 'cmd_bench', 'cmd_eval_dota', 'cmd_convert',
+           'build_parser', 'main']
 
 # %% ../nbs/api/12_cli.ipynb #7f1f7d4b
 def _fmt(df, fmt: str, index: bool = False) -> str:
@@ -95,6 +96,16 @@ def cmd_eval_dota(a) -> int:
         print(f'written to {a.json}')
     return 0
 
+def cmd_convert(a) -> int:
+    from rsrepro.convert import convert_checkpoint
+    r = convert_checkpoint(a.src, a.dst, 'to_official' if a.to == 'official' else 'from_official', layout=a.layout,
+                           allow=a.allow or (), extras=a.extras, trusted=a.trusted)
+    where = f"official layout {r['layout']}" if a.to == 'official' else f"rsrepro ARSDETR, from layout {r['layout']}"
+    print(f"{r['tensors']} tensors written to {r['dst']} ({where}); made {len(r['made'])}, dropped {len(r['dropped'])} "
+          'that carry nothing' + (f", dropped {len(r['allowed'])} named by --allow" if r['allowed'] else '')
+          + (f"; set aside: {', '.join(r['set_aside'])}" if r['set_aside'] else ''))
+    return 0
+
 # %% ../nbs/api/12_cli.ipynb #f81dc180
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='rsrepro', description='Reproducible companion for self-supervised pre-training '
@@ -162,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--imageset', metavar='FILE', help='score only the images this file lists (the devkit\'s imagesetfile)')
     s.add_argument('--inclusive', action='store_true', help='match at IoU >= the threshold (VOC/COCO) instead of >')
     s.set_defaults(fn=cmd_eval_dota)
+    from rsrepro.convert import LAYOUTS
+    s = sub.add_parser('convert', help="ARS-DETR weights between rsrepro's ARSDETR and the official (mmrotate) key layout")
+    s.add_argument('--src', required=True, metavar='PTH', help="the checkpoint to convert (rsrepro: a state dict or "
+                   "{'model': ...}; official: an mmcv checkpoint {'meta', 'state_dict', 'optimizer'} or a state dict)")
+    s.add_argument('--dst', required=True, metavar='PTH', help='where to write the converted checkpoint (atomically)')
+    s.add_argument('--to', required=True, choices=['official', 'rsrepro'], help='the direction')
+    s.add_argument('--layout', choices=list(LAYOUTS), help='the official layout (default: dn_ars_detr towards official; '
+                   'detected from the keys towards rsrepro)')
+    s.add_argument('--allow', nargs='+', metavar='REGEX', help='drop the keys these regexes match (at the start of the '
+                   'key) instead of failing on them: keys no rule converts, or values the other side has no place for')
+    s.add_argument('--extras', nargs='+', default=['meta', 'optimizer'], metavar='NAME', help='top-level entries of an '
+                   "official checkpoint to set aside beside 'state_dict' (default: meta optimizer)")
+    s.add_argument('--trusted', action='store_true', help='unpickle the file fully (weights_only=False): for an mmcv '
+                   'checkpoint whose meta holds NumPy objects, and only for a file you trust')
+    s.set_defaults(fn=cmd_convert)
     return p
 
 def main(argv: list[str] | None = None) -> int:
