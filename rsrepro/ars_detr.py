@@ -77,6 +77,17 @@ class AngleCoder:
         if angle_range % omega: raise ValueError(f'omega={omega} must divide the angle range {angle_range}')
         self.window, self.omega, self.radius, self.normalize, self.angle_range = window, omega, radius, normalize, angle_range
         self.num_bins = 0 if window is None else int(angle_range // omega)
+        self._windows: dict[float, torch.Tensor] = {}     # AR-CSL window per exact aspect ratio (the same objects recur every layer and step)
+
+    def ar_window(self, ratio: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        "`rotation_iou(ratio, |d|)`, each distinct ratio computed once and kept (at most 50,000 kept)."
+        r = torch.as_tensor(ratio, dtype=torch.float64).reshape(-1).cpu()
+        keys = r.tolist(); todo = sorted({k for k in keys if k not in self._windows})
+        if todo:
+            if len(self._windows) + len(todo) > 50_000: self._windows.clear()
+            rows = rotation_iou(torch.tensor(todo, dtype=torch.float64), d.abs())
+            self._windows.update(zip(todo, rows))
+        return torch.stack([self._windows[k] for k in keys]) if keys else torch.zeros(0, len(d), dtype=torch.float64)
 
     def bin_of(self, angle: torch.Tensor) -> torch.Tensor:
         "The true bin of angles (radians, `le90`)."
@@ -92,7 +103,7 @@ class AngleCoder:
             smooth = torch.exp(-d ** 2 / (2 * self.radius ** 2)).expand(len(angle), -1)
         else:
             if ratio is None: raise ValueError("window='aspect_ratio' (AR-CSL) needs the aspect ratios")
-            smooth = rotation_iou(torch.as_tensor(ratio).reshape(-1), d.abs())
+            smooth = self.ar_window(ratio, d)
             if len(smooth) != len(angle): raise ValueError(f'{len(angle)} angles but {len(smooth)} aspect ratios')
             if self.normalize:
                 lo = smooth.min(1, keepdim=True).values
@@ -354,8 +365,8 @@ class ARSDETR(torch.nn.Module):
         chans = [r.layer2[-1].conv3.out_channels, r.layer3[-1].conv3.out_channels, r.layer4[-1].conv3.out_channels] \
             if hasattr(r.layer2[-1], 'conv3') else [128, 256, 512]
         gn = lambda: torch.nn.GroupNorm(32, dim)
-        self.neck = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(c, dim, 1), gn()) for c in chans] +
-                                        [torch.nn.Sequential(torch.nn.Conv2d(chans[-1], dim, 3, 2, 1), gn())][:num_levels - 3])
+        self.neck = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(c, dim, 1, bias=False), gn()) for c in chans] +
+                                        [torch.nn.Sequential(torch.nn.Conv2d(chans[-1], dim, 3, 2, 1, bias=False), gn())][:num_levels - 3])
         self.level_embed = torch.nn.Parameter(torch.randn(num_levels, dim))
         self.encoder = torch.nn.ModuleList(EncoderLayer(dim, num_heads, num_levels, num_points, ffn, dropout) for _ in range(enc_layers))
         self.decoder = torch.nn.ModuleList(DecoderLayer(dim, num_heads, num_levels, num_points, ffn, dropout) for _ in range(dec_layers))

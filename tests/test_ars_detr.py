@@ -237,3 +237,18 @@ def test_denoising_queries_do_not_leak_into_matching_queries():
         c = m.decode(**enc, dn={**denoising_queries(tg, 3, m.label_embedding, 10), 'attn_mask': None})
     assert torch.allclose(a['logits'], b['logits'], atol=1e-5) and torch.allclose(a['hidden'], b['hidden'], atol=1e-5)
     assert not torch.allclose(a['logits'], c['logits'], atol=1e-4)    # without the mask they would leak
+
+
+def test_ar_csl_windows_are_cached_exactly(monkeypatch):
+    "The AR-CSL window of a ratio is computed once per coder and equals the uncached computation."
+    import rsrepro.ars_detr as A
+    coder = AngleCoder()
+    r = torch.tensor([1.0, 2.5, 2.5, 7.0]); a = torch.tensor([0.1, -0.4, 1.2, 0.0])
+    first = coder.encode(a, r)
+    calls = []
+    real = A.rotation_iou
+    monkeypatch.setattr(A, 'rotation_iou', lambda *x: calls.append(1) or real(*x))
+    again = coder.encode(a.flip(0), r.flip(0))
+    assert not calls and torch.equal(again, first.flip(0))
+    fresh = AngleCoder().encode(a, r)
+    assert torch.equal(fresh, first) and len(calls) == 1

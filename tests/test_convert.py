@@ -1,15 +1,20 @@
-"""The ARS-DETR weight converter (`rsrepro.convert`, `rsrepro convert`): rsrepro's `ARSDETR` <-> the official
-(httle/ARS-DETR, floatingstarZ/MutDet; mmrotate 0.x) state-dict names, checked against the official key list written
-out below from the official module code, round trips key for key and output for output, and the errors."""
+"""The ARS-DETR weight converter (`rsrepro.convert`, `rsrepro convert`): rsrepro's `ARSDETR` (and `MutDet`) <-> the
+official (httle/ARS-DETR, floatingstarZ/MutDet; mmrotate 0.x) state-dict names, checked against the official key lists
+written out below from the official module code, round trips key for key and output for output, the official
+two-way attention block recomputed from the converted weights, and the errors."""
 import itertools
+import math
 import re
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rsrepro.ars_detr import ARSDETR
-from rsrepro.convert import (RULES, ConversionError, Fused, OneSided, Rename, convert_checkpoint, detect_layout,
-                             from_official, official_keys, to_official)
+from rsrepro.convert import (RULES, ConversionError, Fused, OneSided, Rename, active_rules, convert_checkpoint,
+                             detect_layout, from_official, official_keys, to_official)
+from rsrepro.mutdet import MutDet
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The official R50 DN-ARS-DETR (configs/ars_detr/dn_arw_arm_arcsl_rdetr_r50_dota.py), read from the code:
@@ -19,7 +24,8 @@ from rsrepro.convert import (RULES, ConversionError, Fused, OneSided, Rename, co
 # - DNARSDeformableDETRHead (ARSDeformableDETRHead._init_layers + label_embedding(num_classes, 256)): with_box_refine,
 #   as_two_stage -> cls/reg/angle branches cloned 6 + 1 = 7 times, reg = Sequential(Linear, ReLU, Linear, ReLU,
 #   Linear) -> linears 0, 2, 4; no query_embedding (two-stage), no input_proj/fc_cls (_init_layers overridden);
-# - DNARSRotatedDeformableDetrTransformer: level_embeds, enc_output(_norm), pos_trans(_norm) (built, unused),
+# - DNARSRotatedDeformableDetrTransformer: level_embeds (num_feature_levels=5 rows, the default no config changes; the
+#   forward reads rows 0..3 for the 4 neck levels), enc_output(_norm), pos_trans(_norm) (built, unused),
 #   query_embed(300, 256); encoder = DetrTransformerEncoder (post-norm order, so no post_norm) of BaseTransformerLayer
 #   (attentions.0 = MultiScaleDeformableAttention, ffns.0 = FFN: layers.0.0 and layers.1, norms.0..1);
 #   decoder = DNARSDeformableDetrTransformerDecoder: ref_point_head and angle_head (build_MLP, 2 layers: .0, .2),
@@ -30,7 +36,7 @@ BN = '{weight|bias|running_mean|running_var|num_batches_tracked}'
 W = '{weight|bias}'
 T = 'bbox_head.transformer.'
 MSDA = '{sampling_offsets|attention_weights|value_proj|output_proj}.' + W
-OFFICIAL_DN_ARS_DETR_R50 = [
+R50_BACKBONE_NECK = [
     'backbone.conv1.weight', 'backbone.bn1.' + BN,
     'backbone.layer1.{0..2}.conv{1..3}.weight', 'backbone.layer1.{0..2}.bn{1..3}.' + BN,
     'backbone.layer1.0.downsample.0.weight', 'backbone.layer1.0.downsample.1.' + BN,
@@ -42,6 +48,8 @@ OFFICIAL_DN_ARS_DETR_R50 = [
     'backbone.layer4.0.downsample.0.weight', 'backbone.layer4.0.downsample.1.' + BN,
     'neck.convs.{0..2}.conv.weight', 'neck.convs.{0..2}.gn.' + W,
     'neck.extra_convs.0.conv.weight', 'neck.extra_convs.0.gn.' + W,
+]
+OFFICIAL_DN_ARS_DETR_R50 = R50_BACKBONE_NECK + [
     'bbox_head.label_embedding.weight',
     'bbox_head.cls_branches.{0..6}.' + W,
     'bbox_head.reg_branches.{0..6}.{0|2|4}.' + W,
@@ -65,6 +73,44 @@ OFFICIAL_DN_ARS_DETR_R50 = [
 # MutDet's copy (mmrotate/models/utils/dn_ars_rotated_transformer.py) comments out pos_trans, pos_trans_norm, angle_head
 MUTDET_ONLY_LACKS = [T + 'pos_trans.' + W, T + 'pos_trans_norm.' + W, T + 'decoder.angle_head.{0|2}.' + W]
 
+# MutDet's pre-training model (configs/Step2_DetectionPretraining_Mutdet/MutDet_DOTA_Pretrain.py), read from the code:
+# - DETRegRotatedDETRFast: a RotatedSingleStageDetector (backbone, neck, bbox_head; no swav_model: the embeddings are
+#   read from disk); backbone frozen_stages=4 (still nn.BatchNorm2d, so num_batches_tracked); encoder / decoder 2 + 2;
+#   256 pseudo-classes; the decoder is MutDet's DNARSDeformableDetrTransformerDecoder (no angle_head);
+# - DETReg_DNARSDeformableDETRHeadv7 = DNARSDeformableDETRHead + feature_embed = MLP(256, 256, 256, 2) (`layers.0`,
+#   `layers.1`); branches cloned 2 + 1 = 3 times;
+# - DNARSRotatedDeformableDetrTransformerTemplateMatching: MutDet's DN transformer (no pos_trans) + feature_enhance =
+#   TwoWayTransformer(depth=3, 256, 8 heads, mlp_dim=2048): layers.N = TwoWayAttentionBlock(self_attn, norm1,
+#   cross_attn_token_to_image, norm2, mlp = MLPBlock(lin1, lin2), norm3, norm4, cross_attn_image_to_token), each
+#   attention SAM's Attention(q_proj, k_proj, v_proj, out_proj; downsample_rate 1); patch_enc_output (Linear),
+#   patch_enc_output_norm (LayerNorm), patch_enc_decode = Sequential(Linear(256, 1024), ReLU, Linear(1024, 256)).
+SAM_ATTN = '{q_proj|k_proj|v_proj|out_proj}.' + W
+OFFICIAL_MUTDET_PRETRAIN_R50 = R50_BACKBONE_NECK + [
+    'bbox_head.label_embedding.weight',
+    'bbox_head.cls_branches.{0..2}.' + W,
+    'bbox_head.reg_branches.{0..2}.{0|2|4}.' + W,
+    'bbox_head.angle_branches.{0..2}.' + W,
+    'bbox_head.feature_embed.layers.{0|1}.' + W,
+    T + 'level_embeds',
+    T + 'enc_output.' + W, T + 'enc_output_norm.' + W,
+    T + 'query_embed.weight',
+    T + 'encoder.layers.{0..1}.attentions.0.' + MSDA,
+    T + 'encoder.layers.{0..1}.ffns.0.layers.{0.0|1}.' + W,
+    T + 'encoder.layers.{0..1}.norms.{0..1}.' + W,
+    T + 'decoder.layers.{0..1}.attentions.0.attn.{in_proj_weight|in_proj_bias}',
+    T + 'decoder.layers.{0..1}.attentions.0.attn.out_proj.' + W,
+    T + 'decoder.layers.{0..1}.attentions.1.' + MSDA,
+    T + 'decoder.layers.{0..1}.ffns.0.layers.{0.0|1}.' + W,
+    T + 'decoder.layers.{0..1}.norms.{0..2}.' + W,
+    T + 'decoder.ref_point_head.{0|2}.' + W,
+    T + 'decoder.norm.' + W,
+    T + 'feature_enhance.layers.{0..2}.{self_attn|cross_attn_token_to_image|cross_attn_image_to_token}.' + SAM_ATTN,
+    T + 'feature_enhance.layers.{0..2}.norm{1..4}.' + W,
+    T + 'feature_enhance.layers.{0..2}.mlp.{lin1|lin2}.' + W,
+    T + 'patch_enc_output.' + W, T + 'patch_enc_output_norm.' + W,
+    T + 'patch_enc_decode.{0|2}.' + W,
+]
+
 
 def expand(patterns):
     out = []
@@ -82,24 +128,26 @@ def expand(patterns):
 
 
 SMALL = dict(num_classes=15, dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn=128, num_queries=50, backbone='resnet18')
-
-
-def _zero_neck_bias(m):
-    with torch.no_grad():
-        for s in m.neck: s[0].bias.zero_()
-    return m
+SMALL_MUTDET = dict(num_classes=8, dim=64, num_heads=4, enc_layers=1, dec_layers=1, ffn=128, num_queries=20,
+                    backbone='resnet18', depth=1, mlp_dim=128)
 
 
 @pytest.fixture(scope='module')
 def small():
     torch.manual_seed(0)
-    return _zero_neck_bias(ARSDETR(**SMALL, dropout=0.0).eval())
+    return ARSDETR(**SMALL, dropout=0.0).eval()
 
 
 @pytest.fixture(scope='module')
 def r50():
     torch.manual_seed(0)
-    return _zero_neck_bias(ARSDETR())
+    return ARSDETR()
+
+
+@pytest.fixture(scope='module')
+def small_mutdet():
+    torch.manual_seed(0)
+    return MutDet(**SMALL_MUTDET).eval()
 
 
 def _same(a, b):
@@ -123,7 +171,6 @@ def test_official_names_of_the_r50_dn_ars_detr(r50):
     assert set(off) == set(official), (sorted(set(off) - set(official))[:5], sorted(set(official) - set(off))[:5])
     mut = to_official(r50.state_dict(), layout='mutdet')
     assert set(mut) == set(official) - set(expand(MUTDET_ONLY_LACKS))
-    # official_keys needs no zero biases: names and shapes only
     assert official_keys(ARSDETR()) == {k: tuple(v.shape) for k, v in off.items()}
     sh = lambda k: tuple(off[k].shape)
     H, L, P, D = 8, 4, 4, 256
@@ -133,7 +180,8 @@ def test_official_names_of_the_r50_dn_ars_detr(r50):
     assert sh(T + 'decoder.layers.0.attentions.0.attn.in_proj_weight') == (3 * D, D)
     assert sh(T + 'encoder.layers.3.ffns.0.layers.0.0.weight') == (1024, D)
     assert sh(T + 'encoder.layers.3.ffns.0.layers.1.weight') == (D, 1024)
-    assert sh(T + 'level_embeds') == (L, D) and sh(T + 'query_embed.weight') == (300, D)
+    assert sh(T + 'level_embeds') == (L + 1, D) and sh(T + 'query_embed.weight') == (300, D)
+    assert torch.equal(off[T + 'level_embeds'][:L], r50.level_embed) and not off[T + 'level_embeds'][L].any()
     assert sh(T + 'decoder.ref_point_head.0.weight') == (D, 2 * D) and sh(T + 'decoder.ref_point_head.2.weight') == (D, D)
     assert sh(T + 'pos_trans.weight') == (2 * D, 2 * D) and not off[T + 'pos_trans.weight'].any()
     assert sh(T + 'decoder.angle_head.0.weight') == (D, D)
@@ -192,21 +240,40 @@ def test_unknown_keys_are_errors_that_name_them(small):
         from_official({k: v for k, v in off.items() if k != T + 'decoder.norm.weight'}, reference=small)
 
 
-def test_a_nonzero_neck_bias_is_not_dropped_silently():
+def test_a_fresh_model_converts_without_allow():
+    "The neck has no biases on either side: a freshly initialised ARSDETR converts, nothing dropped, nothing warned."
     torch.manual_seed(0)
-    m = ARSDETR(**SMALL)                                # PyTorch's default init: non-zero conv biases
-    with pytest.raises(ConversionError, match=r'neck\.0\.0\.bias.*ChannelMapper') as e: to_official(m.state_dict())
-    assert set(e.value.keys) == {f'neck.{i}.0.bias' for i in range(4)}
-    with pytest.warns(UserWarning, match='neck'):
-        off = to_official(m.state_dict(), allow=[r'neck\.\d\.0\.bias'])
-    back = from_official(off)
-    assert not back['neck.2.0.bias'].any() and torch.equal(back['neck.2.0.weight'], m.state_dict()['neck.2.0.weight'])
+    m = ARSDETR(**SMALL)
+    assert not any(re.fullmatch(r'neck\.\d\.0\.bias', k) for k in m.state_dict()) and 'neck.3.0.weight' in m.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        off = to_official(m.state_dict())
+        _same(from_official(off), m.state_dict())
+    assert not any(re.match(r'neck\.(convs|extra_convs)\.\d\.conv\.bias', k) for k in off)
+
+
+def test_the_level_embedding_has_the_official_fifth_row():
+    "The official level_embeds is [5, dim] (num_feature_levels=5), the neck reads 4: a zero row out, the row dropped back."
+    torch.manual_seed(0)
+    m = ARSDETR(**SMALL)
+    off = to_official(m.state_dict())
+    assert off[T + 'level_embeds'].shape == (5, 64) and not off[T + 'level_embeds'][4].any()
+    trained = {**off, T + 'level_embeds': torch.cat([m.level_embed.detach(), torch.randn(1, 64)])}  # never-read row
+    assert torch.equal(from_official(trained)['level_embed'], m.level_embed)
+    with pytest.raises(ConversionError, match='level_embeds has 4 rows'):
+        from_official({**off, T + 'level_embeds': off[T + 'level_embeds'][:4]})
+    three = ARSDETR(**{**SMALL, 'enc_layers': 1, 'dec_layers': 1}, num_levels=3)
+    with pytest.raises(ConversionError, match='level_embed has 3 levels'): to_official(three.state_dict())
 
 
 def test_layouts_are_told_apart_and_non_dn_checkpoints_refused(small):
     off = to_official(small.state_dict())
     mut = to_official(small.state_dict(), layout='mutdet')
     assert detect_layout(off) == 'dn_ars_detr' and detect_layout({'state_dict': mut}) == 'mutdet'
+    pre = {**mut, 'bbox_head.transformer.patch_enc_output.weight': torch.zeros(1)}
+    assert detect_layout(pre) == 'mutdet_pretrain'
+    with pytest.raises(ConversionError, match=r'patch_enc_output\.weight'):     # a MutDet module in an ARS-DETR layout
+        from_official({**off, 'bbox_head.transformer.patch_enc_output.weight': torch.zeros(1)})
     # arcsl_detr_r50_dota (ARSDeformableDETRHead): pos_trans used, no label_embedding / query_embed / ref_point_head
     non_dn = {k: v for k, v in off.items() if not re.match(
         r'bbox_head\.(label_embedding|transformer\.(query_embed|decoder\.(ref_point_head|angle_head|norm)))\.', k)}
@@ -237,16 +304,18 @@ def test_rules_extend_fused_and_reshaped_tensors():
     with pytest.raises(ValueError, match='anchor'): OneSided('official', 'x.{i}', 'y', torch.zeros_like)
 
 
-def test_every_rsrepro_parameter_has_an_official_name(small):
-    "No ARSDETR parameter (label_embedding included) is left to a one-sided rule except the neck biases."
-    one_sided = [k for k in small.state_dict() if k not in {v for v in _renamed(small)}]
-    assert sorted(one_sided) == [f'neck.{i}.0.bias' for i in range(4)]
+def test_every_rsrepro_parameter_has_an_official_name(small, small_mutdet):
+    "No ARSDETR or MutDet tensor (label_embedding included) is left to a one-sided rule: each is renamed or fused."
+    for model, layout in ((small, 'dn_ars_detr'), (small, 'mutdet'), (small_mutdet, 'mutdet_pretrain')):
+        named = set(_renamed(model, layout))
+        assert [k for k in model.state_dict() if k not in named] == [], layout
 
 
-def _renamed(model):
+def _renamed(model, layout):
     from rsrepro.convert import _match
+    rules = active_rules(layout)
     for k in model.state_dict():
-        if any(isinstance(r, Rename) and _match(r.ours, k) is not None for r in RULES): yield k
+        if any(isinstance(r, (Rename, Fused)) and _match(r.ours, k) is not None for r in rules): yield k
 
 
 def test_cli_convert(small, tmp_path, capsys):
@@ -261,3 +330,140 @@ def test_cli_convert(small, tmp_path, capsys):
     assert main(['convert', '--src', str(tmp_path/'bad.pth'), '--dst', str(tmp_path/'x.pth'), '--to', 'official']) == 2
     assert 'stray.bias' in capsys.readouterr().err and not (tmp_path/'x.pth').exists()
     assert main(['convert', '--src', str(tmp_path/'nope.pth'), '--dst', str(tmp_path/'x.pth'), '--to', 'official']) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MutDet's pre-training layout
+
+
+@pytest.fixture(scope='module')
+def mutdet_r50():
+    torch.manual_seed(0)
+    return MutDet(num_classes=256, enc_layers=2, dec_layers=2)
+
+
+def test_mutdet_round_trip_is_the_identity(small_mutdet):
+    sd = small_mutdet.state_dict()
+    off = to_official(sd, layout='mutdet_pretrain')
+    assert detect_layout(off) == 'mutdet_pretrain' and not any(k.startswith('detector.') for k in off)
+    _same(from_official(off), sd)                   # every key, in order, every tensor and dtype
+    _same(from_official({'meta': {}, 'state_dict': off}, reference=small_mutdet), sd)
+
+
+def test_official_names_of_the_mutdet_pretraining_model(mutdet_r50):
+    official = expand(OFFICIAL_MUTDET_PRETRAIN_R50)
+    off = to_official(mutdet_r50.state_dict(), layout='mutdet_pretrain')
+    assert set(off) == set(official), (sorted(set(off) - set(official))[:5], sorted(set(official) - set(off))[:5])
+    assert official_keys(mutdet_r50, 'mutdet_pretrain') == {k: tuple(v.shape) for k, v in off.items()}
+    # the detector part is the fine-tuning layout's, so a pre-trained detector fine-tunes as MutDet's load_from does
+    det = to_official(mutdet_r50.detector.state_dict(), layout='mutdet')
+    assert set(det) == {k for k in off if not re.match(
+        r'bbox_head\.(feature_embed|transformer\.(feature_enhance|patch_enc_))', k)}
+    sh = lambda k: tuple(off[k].shape)
+    D, FE = 256, T + 'feature_enhance.layers.'
+    for a in ('self_attn', 'cross_attn_token_to_image', 'cross_attn_image_to_token'):   # SAM's Attention, downsample 1
+        for x in 'qkv': assert sh(f'{FE}2.{a}.{x}_proj.weight') == (D, D) and sh(f'{FE}2.{a}.{x}_proj.bias') == (D,)
+        assert sh(f'{FE}2.{a}.out_proj.weight') == (D, D)
+    assert sh(FE + '0.mlp.lin1.weight') == (2048, D) and sh(FE + '0.mlp.lin2.weight') == (D, 2048)
+    assert sh(T + 'patch_enc_decode.0.weight') == (1024, D) and sh(T + 'patch_enc_decode.2.weight') == (D, 1024)
+    assert sh(T + 'patch_enc_output.weight') == (D, D) and sh(T + 'patch_enc_output_norm.weight') == (D,)
+    assert sh('bbox_head.feature_embed.layers.1.weight') == (D, D) and sh('bbox_head.label_embedding.weight') == (256, D)
+    assert sh(T + 'level_embeds') == (5, D) and sh('bbox_head.cls_branches.2.weight') == (256, D)
+    assert off['backbone.layer4.0.bn1.num_batches_tracked'].dtype == torch.long
+
+
+def test_the_fused_projections_split_q_first(small_mutdet):
+    "Rows [0:d] are q, [d:2d] k, [2d:3d] v (Attention's reshape(B, L, 3, heads, hd)); kv: rows [0:d] k."
+    sd, d = dict(small_mutdet.state_dict()), 64
+    qkv = torch.arange(3 * d * d, dtype=torch.float32).reshape(3 * d, d)
+    kv = -torch.arange(2 * d * d, dtype=torch.float32).reshape(2 * d, d)
+    M = 'mutual_enhancement.layers.0.'
+    sd[M + 'self_attn.qkv.weight'], sd[M + 'self_attn.qkv.bias'] = qkv, torch.arange(3 * d, dtype=torch.float32)
+    sd[M + 'cross_attn_memory_to_embed.kv.weight'] = kv
+    off = to_official(sd, layout='mutdet_pretrain')
+    FE = T + 'feature_enhance.layers.0.'
+    for i, x in enumerate('qkv'):
+        assert torch.equal(off[f'{FE}self_attn.{x}_proj.weight'], qkv[i * d:(i + 1) * d])
+        assert torch.equal(off[f'{FE}self_attn.{x}_proj.bias'], torch.arange(i * d, (i + 1) * d, dtype=torch.float32))
+    assert torch.equal(off[FE + 'cross_attn_image_to_token.k_proj.weight'], kv[:d])
+    assert torch.equal(off[FE + 'cross_attn_image_to_token.v_proj.weight'], kv[d:])
+    assert torch.equal(off[FE + 'cross_attn_image_to_token.q_proj.weight'], sd[M + 'cross_attn_memory_to_embed.q.weight'])
+    _same(from_official(off), sd)
+    with pytest.raises(ConversionError, match='missing parts'):
+        from_official({k: v for k, v in off.items() if k != FE + 'self_attn.k_proj.bias'})
+
+
+def _sam_attention(sd, pre, q, k, v, heads):
+    "AlignRotate/models/utils/transformer.py's Attention.forward, on the official tensors."
+    lin = lambda x, n: F.linear(x, sd[f'{pre}.{n}.weight'], sd[f'{pre}.{n}.bias'])
+    sep = lambda x: x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
+    q, k, v = sep(lin(q, 'q_proj')), sep(lin(k, 'k_proj')), sep(lin(v, 'v_proj'))
+    attn = torch.softmax(q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1]), dim=-1)
+    out = attn @ v
+    return lin(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1), 'out_proj')
+
+
+def _two_way_block(sd, pre, queries, keys, heads):
+    "TwoWayAttentionBlock.forward (MLPBlock with ReLU, as TwoWayTransformer passes it), on the official tensors."
+    ln = lambda x, n: F.layer_norm(x, x.shape[-1:], sd[f'{pre}.{n}.weight'], sd[f'{pre}.{n}.bias'])
+    queries = ln(queries + _sam_attention(sd, pre + '.self_attn', queries, queries, queries, heads), 'norm1')
+    queries = ln(queries + _sam_attention(sd, pre + '.cross_attn_token_to_image', queries, keys, keys, heads), 'norm2')
+    mlp = F.linear(F.relu(F.linear(queries, sd[pre + '.mlp.lin1.weight'], sd[pre + '.mlp.lin1.bias'])),
+                   sd[pre + '.mlp.lin2.weight'], sd[pre + '.mlp.lin2.bias'])
+    queries = ln(queries + mlp, 'norm3')
+    keys = ln(keys + _sam_attention(sd, pre + '.cross_attn_image_to_token', keys, queries, queries, heads), 'norm4')
+    return queries, keys
+
+
+def test_mutdet_strict_reload_and_the_official_computation(small_mutdet):
+    "A strict reload after the round trip gives identical outputs; the official modules on the converted tensors agree."
+    torch.manual_seed(1)
+    x, E = torch.randn(1, 3, 96, 96), torch.randn(1, 7, 64)
+    twin = MutDet(**SMALL_MUTDET).eval()
+    off = to_official(small_mutdet.state_dict(), layout='mutdet_pretrain')
+    twin.load_state_dict(from_official(off), strict=True)
+
+    def run(m):
+        with torch.no_grad():
+            F0 = m.detector.encode(x)['memory']
+            Fp = m.memory_norm(m.memory_proj(F0))
+            e, f = m.mutual_enhancement(E, Fp)
+            return F0, Fp, e, f, m.encoder_embed(f), m.feature_embed(e)
+    ours, back = run(small_mutdet), run(twin)
+    assert all(torch.equal(a, b) for a, b in zip(ours, back))
+    # the official computation (patch_enc_output(_norm), feature_enhance, patch_enc_decode, feature_embed)
+    F0, Fp, e, f, g, h = ours
+    lin = lambda x, n: F.linear(x, off[n + '.weight'], off[n + '.bias'])
+    Fp_off = F.layer_norm(lin(F0, T + 'patch_enc_output'), (64,), off[T + 'patch_enc_output_norm.weight'],
+                          off[T + 'patch_enc_output_norm.bias'])
+    heads = small_mutdet.mutual_enhancement.layers[0].self_attn.num_heads
+    e_off, f_off = _two_way_block(off, T + 'feature_enhance.layers.0', E, Fp_off, heads)
+    g_off = lin(F.relu(lin(f_off, T + 'patch_enc_decode.0')), T + 'patch_enc_decode.2')
+    h_off = lin(F.relu(lin(e_off, 'bbox_head.feature_embed.layers.0')), 'bbox_head.feature_embed.layers.1')
+    for a, b in ((Fp, Fp_off), (e, e_off), (f, f_off), (g, g_off), (h, h_off)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mutdet_layout_errors(small, small_mutdet):
+    sd = small_mutdet.state_dict()
+    with pytest.raises(ConversionError, match="layout='mutdet_pretrain'"): to_official(sd)    # the default layout
+    with pytest.raises(ConversionError, match="ARSDETR state dict takes layout 'mutdet'"):
+        to_official(small.state_dict(), layout='mutdet_pretrain')
+    off = to_official(sd, layout='mutdet_pretrain')
+    # a DETReg-style checkpoint with its frozen embedding network: named, dropped only when allowed
+    swav = {**off, 'swav_model.conv1.weight': torch.zeros(2)}
+    with pytest.raises(ConversionError, match=r'swav_model\.conv1\.weight'): from_official(swav)
+    with pytest.warns(UserWarning, match='swav_model'): _same(from_official(swav, allow=[r'swav_model\.']), sd)
+    # the pre-trained detector alone, for fine-tuning: the MutDet modules dropped by allow
+    allow = [r'bbox_head\.feature_embed', r'bbox_head\.transformer\.feature_enhance', r'bbox_head\.transformer\.patch_enc_']
+    with pytest.warns(UserWarning, match='feature_enhance'):
+        _same(from_official(off, layout='mutdet', allow=allow), small_mutdet.detector.state_dict())
+
+
+def test_mutdet_checkpoint_files(small_mutdet, tmp_path):
+    torch.save({'model': small_mutdet.state_dict()}, tmp_path/'ours.pth')
+    r = convert_checkpoint(tmp_path/'ours.pth', tmp_path/'official.pth', layout='mutdet_pretrain')
+    assert r['layout'] == 'mutdet_pretrain' and 'backbone.bn1.num_batches_tracked' in r['made']
+    r = convert_checkpoint(tmp_path/'official.pth', tmp_path/'back.pth', 'from_official')
+    assert r['layout'] == 'mutdet_pretrain'
+    _same(torch.load(tmp_path/'back.pth', weights_only=True)['model'], small_mutdet.state_dict())
