@@ -20,9 +20,30 @@ from .core import MODELS, DataFormatError, DataNotFoundError, atomic_write
 from .losses import info_nce
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'mask_polygons', 'SAMBoxes', 'SelectiveSearchBoxes', 'FileBoxes', 'rotated_crops',
-           'ObjectEmbedder', 'PseudoClasses', 'fit_pseudo_classes', 'EnhancementLayer', 'MutualEnhancement',
-           'contrastive_alignment', 'embedding_mse', 'MutDet']
+__all__ = ['ASSUMPTIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'mask_polygons', 'SAMBoxes', 'SelectiveSearchBoxes', 'FileBoxes',
+           'rotated_crops', 'ObjectEmbedder', 'PseudoClasses', 'fit_pseudo_classes', 'EnhancementLayer',
+           'MutualEnhancement', 'contrastive_alignment', 'embedding_mse', 'MutDet']
+
+# %% ../nbs/api/30_mutdet.ipynb #1d2ddccc
+ASSUMPTIONS: dict[str, str] = {
+    'box NMS': 'SAM box NMS 0.7 and at most 1,000 boxes per tile, largest first (the official scripts); the paper says 0.8',
+    'alignment scale': "the contrastive alignment is 4τ times the mean of InfoNCE's two directions (the official head's "
+                       '2τ·CE + 2τ·CE), τ = 0.2, weight 1',
+    'DETReg baseline': "L2 between unit-norm embeddings, the official baseline's replacement of DETReg's L1 (its config "
+                       'comment); raw object embeddings, no enhancement, no siamese head',
+    'alignment targets': 'the decoder alignment uses the last layer only (the paper, following DETReg), on the '
+                         'Hungarian-matched queries and, separately, the positive denoising queries (the official head)',
+    'proposal ranking': 'with the enhanced feature, encoder proposals are ranked by class logit x best cosine to the '
+                        'enhanced embeddings (the official transformer)',
+    'siamese target': 'the siamese pass aligns with the enhanced embeddings (the official head passes the same list to '
+                      'both passes)',
+    'distillation variants': "Table 1's encoder feature distillation (L2 from the encoder feature to the detached enhanced "
+                             'one) and decoder cross distillation (per pseudo-object, BCE to the enhanced pass\'s detached '
+                             'class probabilities + L2 between predicted embeddings) are ours: the paper names them, the '
+                             'code does not hold them; weight 1',
+    'masked memory': 'the official code zeroes the memory at positions whose proposal is off the image before the '
+                     "enhancement's projection; we do not (those positions never become proposals)",
+}
 
 # %% ../nbs/api/30_mutdet.ipynb #9bbd8af5
 def mask_polygons(masks: np.ndarray) -> np.ndarray:
@@ -260,7 +281,7 @@ class MutDet(torch.nn.Module):
     "MutDet pre-training on an `ARSDETR`: mutual enhancement, contrastive alignment, auxiliary siamese head (see above)."
     CALIBRATIONS = (None, 'siamese', 'encoder_distillation', 'decoder_distillation')
 
-    def __init__(self, detector: ARSDETR | None = None, num_classes: int = 256, depth: int = 3, num_heads: int = 8,
+    def __init__(self, detector: ARSDETR | None = None, num_classes: int = 256, depth: int = 3, enhancement_heads: int = 8,
                  mlp_dim: int = 2048, temperature: float = 0.2, contrastive: bool = True, enhanced_embedding: bool = True,
                  enhanced_feature: bool = True, encoder_loss: bool = True, calibration: str | None = 'siamese',
                  align_weight: float = 1.0, **detector_kwargs):
@@ -273,7 +294,7 @@ class MutDet(torch.nn.Module):
         self.encoder_loss, self.calibration, self.temperature, self.align_weight = encoder_loss, calibration, temperature, align_weight
         self.uses_enhancement = enhanced_embedding or enhanced_feature or encoder_loss
         self.memory_proj, self.memory_norm = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
-        self.mutual_enhancement = MutualEnhancement(d, depth, num_heads, mlp_dim) if self.uses_enhancement else None
+        self.mutual_enhancement = MutualEnhancement(d, depth, enhancement_heads, mlp_dim) if self.uses_enhancement else None
         self.feature_embed = _MLP(d, d, layers=2)                                   # decoder state -> predicted embedding
         self.encoder_embed = torch.nn.Sequential(torch.nn.Linear(d, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, d))
         self.criterion = ARSCriterion(self.detector.num_classes, self.detector.coder)

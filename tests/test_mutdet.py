@@ -12,7 +12,7 @@ from rsrepro.mutdet import (FileBoxes, MutDet, MutualEnhancement, PseudoClasses,
 
 DATA = __import__('pathlib').Path(__file__).resolve().parents[2]/'shared'/'data'
 SMALL = dict(num_classes=8, dim=64, num_heads=4, enc_layers=1, dec_layers=1, ffn=128, num_queries=20, backbone='resnet18',
-             depth=1, mlp_dim=128)
+             depth=1, enhancement_heads=4, mlp_dim=128)
 
 
 def _batch(n_obj=(3, 2), dim=64, classes=8, seed=0):
@@ -143,3 +143,77 @@ def test_pseudo_classes_fit_assign_and_errors(tmp_path):
     with pytest.raises(ValueError, match='at least 256'): fit_pseudo_classes(X, dim=6, k=256)
     (tmp_path/'bad.npz').write_bytes(b'nonsense')
     with pytest.raises(DataFormatError, match='bad.npz'): PseudoClasses.load(tmp_path/'bad.npz')
+
+
+# ------------------------------------------------------------------ the protocol's pieces
+def test_rbox_targets_by_hand():
+    from rsrepro.mutdet_protocol import rbox_targets
+    sq = np.array([[[10, 20], [50, 20], [50, 40], [10, 40]]], np.float32)          # 40 x 20, axis-aligned
+    t = rbox_targets(sq, [3], (100, 200))
+    assert torch.allclose(t['boxes'], torch.tensor([[30 / 200, 30 / 100, 40 / 200, 20 / 100]]), atol=1e-6)
+    assert abs(float(t['angles'][0])) < 1e-6 and t['labels'].tolist() == [3]
+    assert rbox_targets(np.zeros((0, 4, 2)), [], (8, 8))['boxes'].shape == (0, 4)
+
+
+@pytest.mark.skipif(not (DATA/'DIOR-R').is_dir(), reason='the real DIOR-R sample is absent')
+def test_ground_truth_as_detections_scores_100_through_the_whole_path():
+    "Targets of the real DIOR-R image, resized to 256 px, turned back into Task1 detections: AP50 = AP75 = 100 (no coordinate slip)."
+    from rsrepro.detection_data import DIOR_CLASSES, DIORR
+    from rsrepro.mutdet_protocol import DetectionSamples, task1_frames
+    from rsrepro.rotated import dota_eval
+    r = DIORR(root=DATA/'DIOR-R', split='trainval')
+    ds = DetectionSamples(r, 256)
+    s = ds[0]; t = s['targets']
+    det = [{'scores': torch.ones(len(t['labels'])), 'labels': t['labels'], 'rboxes': torch.cat([t['boxes'], t['angles'][:, None]], 1)}]
+    frames = task1_frames(det, [s['id']], [s['scale']], 256, DIOR_CLASSES)
+    g = r.targets[s['id']]
+    gts = {s['id']: {'polygons': np.asarray(g['polygons'], np.float64).reshape(-1, 8), 'label': np.asarray(g['label']),
+                     'difficult': np.asarray(g['difficult']).astype(bool)}}
+    for thr in (0.5, 0.75):
+        assert dota_eval(frames, gts, DIOR_CLASSES, thr)['map'] == pytest.approx(1.0)
+
+
+def test_pretrain_settings_keys_and_validation():
+    from rsrepro.mutdet_protocol import Finetune, Pretrain
+    rows = [Pretrain.detreg(), Pretrain('mutdet', True, False, False, False, None), Pretrain('mutdet', True, True, False, False, None),
+            Pretrain('mutdet', True, True, True, False, None), Pretrain('mutdet', True, True, True, True, None), Pretrain(),
+            Pretrain(calibration='encoder_distillation'), Pretrain(coder='csl'), Pretrain.detreg(coder='regression')]
+    keys = [p.key for p in rows]
+    assert len(set(keys)) == len(keys)
+    with pytest.raises(ValueError, match='detreg'): Pretrain('detreg')
+    with pytest.raises(ValueError, match='coder'): Pretrain(coder='psc')
+    with pytest.raises(ValueError, match='fraction'): Finetune(fraction=0)
+    assert Finetune(Pretrain(), epochs=12).key != Finetune(Pretrain(), epochs=24).key != Finetune(None).key
+
+
+def test_load_pretrained_copies_matching_tensors(tmp_path):
+    "As mmcv's load_from: same name and shape are copied; the pseudo-class heads and the missing layers keep their init."
+    from rsrepro.ars_detr import ARSDETR
+    from rsrepro.mutdet_protocol import load_pretrained
+    torch.manual_seed(0)
+    pre = MutDet(**SMALL)                                                 # 8 pseudo-classes, 1 + 1 layers
+    torch.save({'model': pre.state_dict()}, tmp_path/'w.pt')
+    det = ARSDETR(num_classes=3, dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn=128, num_queries=20, backbone='resnet18')
+    n = load_pretrained(det, tmp_path/'w.pt')
+    assert n['loaded'] > 0 and n['kept_initial'] > 0
+    assert torch.equal(det.encoder[0].attn.sampling_offsets.weight, pre.detector.encoder[0].attn.sampling_offsets.weight)
+    assert not torch.equal(det.encoder[1].attn.value_proj.weight, pre.detector.encoder[0].attn.value_proj.weight)
+    assert det.cls_branches[0].weight.shape == (3, 64)                    # the class head was not copied
+    torch.save({'model': {'x': torch.zeros(1)}}, tmp_path/'bad.pt')
+    with pytest.raises(DataFormatError, match='bad.pt'): load_pretrained(det, tmp_path/'bad.pt')
+
+
+def test_prepare_pseudo_labels_is_resumable(tmp_path):
+    "One atomic .npz per image; a second call keeps what is there; features have the embedder's width."
+    from rsrepro.mutdet_protocol import prepare_pseudo_labels
+    class Two(torch.utils.data.Dataset):
+        def __len__(self): return 2
+        def __getitem__(self, k): return {'image': torch.rand(3, 64, 64), 'id': f'img{k}'}
+    (tmp_path/'boxes').mkdir()
+    for k in range(2): (tmp_path/'boxes'/f'img{k}.txt').write_text('10 10 40 10 40 30 10 30\n5 5 20 5 20 20 5 20\n')
+    emb = __import__('rsrepro.mutdet', fromlist=['ObjectEmbedder']).ObjectEmbedder(arch='resnet18', size=32)
+    out = prepare_pseudo_labels(Two(), FileBoxes(tmp_path/'boxes'), emb, tmp_path/'labels')
+    z = np.load(out/'img0.npz'); assert z['polygons'].shape == (2, 4, 2) and z['features'].shape == (2, 512)
+    t = (out/'img1.npz').stat().st_mtime_ns
+    prepare_pseudo_labels(Two(), FileBoxes(tmp_path/'boxes'), emb, tmp_path/'labels')
+    assert (out/'img1.npz').stat().st_mtime_ns == t and not list(out.glob('*.tmp'))

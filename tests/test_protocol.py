@@ -22,6 +22,9 @@ def _experiment(paper):
     if paper == 'crossscale':
         from rsrepro.crossscale_protocol import ASSUMPTIONS, CrossscaleExperiment
         return CrossscaleExperiment, ASSUMPTIONS
+    if paper == 'mutdet':
+        from rsrepro.mutdet_protocol import ASSUMPTIONS, MutdetExperiment
+        return MutdetExperiment, ASSUMPTIONS
     from rsrepro.incomplete_protocol import ASSUMPTIONS, IncompleteExperiment
     return IncompleteExperiment, ASSUMPTIONS
 
@@ -30,10 +33,11 @@ def _first_data_access(paper, ex):
     "Touch the paper's first dataset as its pages do."
     if paper == 'imim': return ex.vedai('test', 'rgbir', 1)
     if paper == 'crossscale': return ex.dataset('train')
+    if paper == 'mutdet': return ex.reader('dior_r', 'train')
     return ex.dataset('dfc2023', 'train')
 
 
-PAPERS = ['imim', 'incomplete', 'crossscale']
+PAPERS = ['imim', 'incomplete', 'crossscale', 'mutdet']
 
 
 @pytest.mark.parametrize('paper', PAPERS)

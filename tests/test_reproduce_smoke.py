@@ -77,7 +77,7 @@ def test_incomplete_writes_every_result_row(smoke):
     for fig in ('figure_5', 'figure_6'): assert (out/'figures'/'incomplete'/f'{fig}.png').is_file()
 
 
-@pytest.mark.parametrize('paper', ['imim', 'incomplete', 'crossscale'])
+@pytest.mark.parametrize('paper', ['imim', 'incomplete', 'crossscale', 'mutdet'])
 def test_learning_checks_meet_their_thresholds(smoke, paper):
     "Each paper's learning_check page recorded every check, and each meets its threshold: the pipelines learn."
     import importlib
@@ -107,3 +107,23 @@ def test_crossscale_writes_every_result_row(smoke):
     assert (res.profile == 'smoke').all() and res.data_source.str.len().gt(0).all()
     assert res[res.table.isin(['3', '4', 'abstract'])].data_source.str.contains('smoke-standin').all()
     assert (out/'figures'/'crossscale'/'figure_3.png').is_file()
+
+
+def test_mutdet_writes_the_rows_it_runs(smoke):
+    "mutdet: Tables 1-3, 5-7 and 9 get a smoke value in every published column of the rows run so far (pre-training free, DETReg, "
+    "MutDet and its switches); Figure 4 is drawn."
+    from rsrepro.published import load
+    from rsrepro.results import load_results
+    out, _, _ = smoke
+    res = load_results(out, 'mutdet')
+    ours = {'Pre-training free', 'DETReg', 'MutDet (Ours)'}
+    for t in ('1', '2', '3', '5', '6', '7', '9'):
+        pub, got = load('mutdet', t), res[res.table == t]
+        pub = pub[~pub.column.str.endswith('(gain)')]
+        if t in ('2', '3', '5', '6', '9'): pub = pub[pub.row.isin(ours)]
+        if t == '7': pub = pub[~pub.row.str.startswith('Row ')]
+        if t in ('2', '3'): pub = pub[pub.column.isin(['AP50', 'AP75'])]     # per-class AP only where the class is scored
+        missing = set(zip(pub.row, pub.column)) - set(zip(got.row, got.column))
+        assert not missing, (t, sorted(missing)[:5])
+        assert (got.profile == 'smoke').all()
+    assert (out/'figures'/'mutdet'/'figure_4_losses.png').is_file()
