@@ -439,8 +439,8 @@ register_data_spec(DataSpec(
                'labelTxt archives), extracted into $RSREPRO_DATA/DOTA/',
     is_valid=lambda p: (p/'images').is_dir() or (p/'train'/'images').is_dir() or (p/'val'/'images').is_dir()))
 
-def parse_dota_label(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    "One DOTA v1.0 labelTxt file: polygons [N,4,2] (`dtype`; the evaluator reads float64), boxes (hbb), label, difficult, gsd, imagesource."
+def parse_dota_label(path: str | os.PathLike, dtype: torch.dtype = torch.float32, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    "One DOTA labelTxt file: polygons [N,4,2] (`dtype`; the evaluator reads float64), boxes (hbb), label (index into `classes`, default DOTA v1.0's), difficult, gsd, imagesource."
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f'DOTA label file not found: {path}')
     polys, labels, diff, gsd, src = [], [], [], float('nan'), None
@@ -458,19 +458,22 @@ def parse_dota_label(path: str | os.PathLike, dtype: torch.dtype = torch.float32
             raise DataFormatError(f'{path}:{ln}: expected "x1 y1 x2 y2 x3 y3 x4 y4 class difficult", got {s!r}')
         try: xy = [float(v) for v in t[:8]]; d = int(t[9]) if len(t) == 10 else 0
         except ValueError: raise DataFormatError(f'{path}:{ln}: non-numeric coordinate or flag: {s!r}') from None
-        if t[8] not in DOTA_CLASSES:
-            raise DataFormatError(f'{path}:{ln}: class {t[8]!r} is not one of the 15 DOTA v1.0 classes {list(DOTA_CLASSES)}')
-        polys.append(xy); labels.append(DOTA_CLASSES.index(t[8])); diff.append(d)
+        names = DOTA_CLASSES if classes is None else tuple(classes)
+        if t[8] not in names:
+            what = 'the 15 DOTA v1.0 classes' if classes is None else f'the {len(names)} classes given'
+            raise DataFormatError(f'{path}:{ln}: class {t[8]!r} is not one of {what} {list(names)}')
+        polys.append(xy); labels.append(names.index(t[8])); diff.append(d)
     poly = torch.from_numpy(np.asarray(polys, np.float64).reshape(-1, 4, 2)).to(dtype)
     return {'polygons': poly, 'boxes': polygon_to_hbb(poly), 'label': torch.tensor(labels, dtype=torch.long),
             'difficult': torch.tensor(diff, dtype=torch.bool), 'gsd': gsd, 'imagesource': src}
 
 @DATASETS.register('dota')
 class DOTA(Dataset):
-    "DOTA v1.0: `{'image': [3,H,W], 'polygons', 'boxes' (enclosing hbb), 'label', 'difficult', 'gsd', 'id'}`."
+    """DOTA v1.0: `{'image': [3,H,W], 'polygons', 'boxes' (enclosing hbb), 'label', 'difficult', 'gsd', 'id'}`. `classes`
+    reads the same layout with another class list (tiles of other datasets written by `rsrepro.rotated.split_reader`)."""
     name = 'dota'
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'all', transforms: Callable | None = None,
-                 data_root: str | os.PathLike | None = None):
+                 data_root: str | os.PathLike | None = None, classes: Sequence[str] | None = None):
         if split not in ('all', 'train', 'val'): raise ValueError(f"dota: split={split!r}; use 'all', 'train' or 'val'")
         self.split, self.transforms = split, transforms
         self.root, self.data_source = _root(self.name, root, data_root)
@@ -481,7 +484,8 @@ class DOTA(Dataset):
                 raise DataNotFoundError(f"dota: {d} not found (split={split!r}); expected <root>/images + labelTxt "
                                         "for split='all', <root>/<split>/images + labelTxt otherwise")
         self.ids = sorted(p.stem for p in self.label_dir.glob('*.txt'))
-        self.targets = {i: parse_dota_label(self.label_dir/f'{i}.txt') for i in self.ids}
+        self.classes = DOTA_CLASSES if classes is None else tuple(classes)
+        self.targets = {i: parse_dota_label(self.label_dir/f'{i}.txt', classes=classes) for i in self.ids}
 
     def __len__(self): return len(self.ids)
 

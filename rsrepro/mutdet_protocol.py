@@ -17,17 +17,19 @@ from torch.utils.data import Dataset
 
 from .ars_detr import ARSDETR, ARSCriterion, AngleCoder, poly_to_rbox, rbox_to_poly
 from .core import DataFormatError, DataNotFoundError, RsreproError, atomic_write
-from .detection_data import DIOR_CLASSES, DIORR, DOTA, DOTA_CLASSES
+from .detection_data import (DIOR_CLASSES, DIORR, DOTA, DOTA_CLASSES, OHD_SJTU_L_CLASSES, OHD_SJTU_S_CLASSES, OHDSJTUL,
+                                    OHDSJTUS)
 from .io import image_to_tensor, read_image
 from .mutdet import (IMAGENET_MEAN, IMAGENET_STD, FileBoxes, MutDet, ObjectEmbedder, PseudoClasses, SAMBoxes,
                             SelectiveSearchBoxes, fit_pseudo_classes)
 from .protocol import Experiment, Profile, loss_drop, register_profiles
-from .rotated import TASK1_COLUMNS, dota_eval, merge_tiles, split_dota
+from .rotated import TASK1_COLUMNS, dota_eval, merge_tiles, split_dota, split_reader
+from .standins import smoke_ohd_sjtu_root
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['ASSUMPTIONS', 'CODERS', 'DETECTORS', 'METHODS', 'MUTDET_SWITCHES', 'DATA', 'LEARNING', 'PROFILES', 'Pretrain',
-           'Finetune', 'MutdetProfile', 'LearningCheck', 'rbox_targets', 'to_input', 'DetectionSamples',
+__all__ = ['ASSUMPTIONS', 'CODERS', 'DETECTORS', 'METHODS', 'MUTDET_SWITCHES', 'DATA', 'SCHEDULES', 'LEARNING', 'PROFILES',
+           'Pretrain', 'Finetune', 'MutdetProfile', 'LearningCheck', 'rbox_targets', 'to_input', 'DetectionSamples',
            'collate_detection', 'PseudoLabelled', 'box_source', 'prepare_pseudo_labels', 'FinetuneModel',
            'load_pretrained', 'detections', 'task1_frames', 'MutdetExperiment']
 
@@ -55,8 +57,11 @@ ASSUMPTIONS: dict[str, str] = {
                               'rest keeps its initialisation (the class heads, whose pseudo-class count differs; the '
                               'layers the 2 + 2 pre-training lacks); the counts are printed',
     'evaluation': 'DOTA_devkit rules (`rsrepro.rotated.dota_eval`): VOC07 11-point AP, polygon IoU > 0.5 (AP50) or '
-                  '> 0.75 (AP75); top 300 detections per image (the head\'s default `max_per_img`); DOTA tiles merged '
-                  'back with polygon NMS 0.1 before scoring',
+                  '> 0.75 (AP75); AP50:95 is the mean of the VOC07 mAP over IoU 0.50:0.05:0.95 (mmrotate\'s DOTA-style '
+                  'evaluation uses the VOC07 metric; the paper does not say); top 300 detections per image (the head\'s '
+                  'default `max_per_img`); DOTA and OHD-SJTU tiles merged back with polygon NMS 0.1 before scoring',
+    'OHD-SJTU': 'trainval to fine-tune, test to score; 600-px tiles with a 150-px overlap resized to 800 (the paper, '
+                'following ARS-DETR); the head points are not used; 1x = 12 and 3x = 36 epochs (mmdetection\'s convention)',
     'input size': 'tiles are resized to a square input (no padding within a batch): the edge tiles DOTA_devkit shifts '
                   'inwards keep the tile size, so only images smaller than a tile are stretched',
     'augmentation': 'none in `smoke`; `full` uses the configs\' random flips (horizontal, vertical, diagonal, 0.25 each)',
@@ -71,7 +76,10 @@ DETECTORS = {'Rotated D-DETR': 'regression', 'CSL D-DETR': 'csl', 'AR-CSL D-DETR
 METHODS = {'DETReg': 'detreg', 'MutDet (Ours)': 'mutdet'}
 MUTDET_SWITCHES = ('contrastive', 'enhanced_embedding', 'enhanced_feature', 'encoder_loss')
 DATA = {'dota': dict(title='DOTA-v1.0', classes=DOTA_CLASSES, tiled=True),
-        'dior_r': dict(title='DIOR-R', classes=DIOR_CLASSES, tiled=False)}
+        'dior_r': dict(title='DIOR-R', classes=DIOR_CLASSES, tiled=False),
+        'ohd_sjtu_s': dict(title='OHD-SJTU-S', classes=OHD_SJTU_S_CLASSES, tiled=True),
+        'ohd_sjtu_l': dict(title='OHD-SJTU-L', classes=OHD_SJTU_L_CLASSES, tiled=True)}
+SCHEDULES = {'1x': 12, '3x': 36}         # mmdetection's convention: 1x = 12 epochs
 
 @dataclass(frozen=True)
 class Pretrain:
@@ -142,6 +150,8 @@ class MutdetProfile(Profile):
     tile: tuple[int, int] = (800, 200)                     # DOTA tile size and gap
     input_size: int = 1024                                 # pre-training and DOTA input side
     dior_input: int = 800
+    ohd_tile: tuple[int, int] = (600, 150)                 # OHD-SJTU tile size and gap (ARS-DETR's), resized to `ohd_input`
+    ohd_input: int = 800
     max_images: int | None = None                          # cap on images per split (smoke)
     pretrain_cfg: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=36, batch_size=8, lr=1e-4, weight_decay=1e-5,
                                       betas=(0.9, 0.999), warmup_steps=500, schedule='step', milestones=(32 / 36,),
@@ -170,7 +180,7 @@ PROFILES = register_profiles('mutdet', {
                            detector=dict(dim=64, num_heads=4, ffn=128, num_queries=100, num_dn=20, backbone='resnet18', dropout=0.0),
                            pretrain_layers=(1, 1), finetune_layers=(2, 2), enhancement=dict(depth=1, enhancement_heads=4, mlp_dim=128),
                            embed_dim=64, clusters=8, box_source='selective_search', box_source_args=dict(scale=100, min_size=20, max_boxes=30),
-                           tile=(256, 0), input_size=256, dior_input=256, max_images=4,
+                           tile=(256, 0), input_size=256, dior_input=256, ohd_tile=(256, 0), ohd_input=256, max_images=4,
                            pretrain_cfg=TrainConfig(max_steps=6, batch_size=2, lr=5e-4, weight_decay=1e-5, clip_grad=1.0, warmup_steps=0, schedule='constant', log_every=1),
                            finetune_cfg=TrainConfig(max_steps=6, batch_size=2, lr=5e-4, weight_decay=1e-5, clip_grad=1.0, warmup_steps=0, schedule='constant', log_every=1),
                            learning=dict(steps=250, tiles=1, lr=5e-4, pretrain_steps=40)),
@@ -305,22 +315,31 @@ class MutdetExperiment(Experiment):
     paper = 'mutdet'
 
     # ---- data ----
-    def reader(self, data: str, split: str) -> Dataset:
-        "The images of `data` ('dota' tiles or 'dior_r') for `split` ('train' or 'test'), as the profile sizes them."
-        prof = self.profile; full = prof.require_full_data
+    def source(self, data: str, split: str) -> Dataset:
+        "The untiled images of `data` for `split` ('train' or 'test'): the official split in `full`, the samples / stand-ins in `smoke`."
+        full, train = self.profile.require_full_data, split == 'train'
         if data == 'dota':
-            base = self.use('DOTA-v1.0', DOTA(split=('train' if split == 'train' else 'val') if full else 'all', data_root=self.data_root))
-            size, gap = prof.tile
-            dest = self.root/'tiles'/f"dota_{base.split}_{size}_{gap}"
-            if not (dest/'done.json').is_file():
-                n = split_dota(base.image_dir.parent, dest, size, gap, progress=self.log)
-                with atomic_write(dest/'done.json') as f: json.dump({'tiles': n, 'source': base.data_source}, f)
-            tiles = DOTA(root=dest); tiles.data_source = base.data_source
-            return self._cap(tiles)
+            return self.use('DOTA-v1.0', DOTA(split=('train' if train else 'val') if full else 'all', data_root=self.data_root))
         if data == 'dior_r':
-            ds = self.use('DIOR-R', DIORR(split=('trainval' if split == 'train' else 'test') if full else 'trainval', data_root=self.data_root))
-            return self._cap(ds)
-        raise ValueError(f'MutdetExperiment.reader: data={data!r}; one of {tuple(DATA)}')
+            return self.use('DIOR-R', DIORR(split=('trainval' if train else 'test') if full else 'trainval', data_root=self.data_root))
+        if data in ('ohd_sjtu_s', 'ohd_sjtu_l'):
+            cls = OHDSJTUS if data == 'ohd_sjtu_s' else OHDSJTUL
+            return self.open_dataset(DATA[data]['title'], lambda root=None: cls(root=root, split='trainval' if train else 'test',
+                                                                                  data_root=self.data_root), standin=smoke_ohd_sjtu_root)
+        raise ValueError(f'MutdetExperiment: data={data!r}; one of {tuple(DATA)}')
+
+    def reader(self, data: str, split: str) -> Dataset:
+        "The images of `data` for `split` as the profile sizes them: DOTA and OHD-SJTU tiled (DOTA_devkit's rule, written once), DIOR-R whole."
+        base = self.source(data, split)
+        if not DATA[data]['tiled']: return self._cap(base)
+        size, gap = self.profile.tile if data == 'dota' else self.profile.ohd_tile
+        dest = self.root/'tiles'/f"{data}_{getattr(base, 'split', 'all')}_{size}_{gap}"
+        if not (dest/'done.json').is_file():
+            n = split_dota(base.image_dir.parent, dest, size, gap, progress=self.log) if data == 'dota' else \
+                split_reader(base, dest, DATA[data]['classes'], size, gap, progress=self.log)
+            with atomic_write(dest/'done.json') as f: json.dump({'tiles': n, 'source': base.data_source}, f)
+        tiles = DOTA(root=dest, classes=DATA[data]['classes']); tiles.data_source = base.data_source
+        return self._cap(tiles)
 
     def _cap(self, reader: Dataset) -> Dataset:
         "At most `max_images` images, those with the most objects first (smoke)."
@@ -331,7 +350,9 @@ class MutdetExperiment(Experiment):
         sub = torch.utils.data.Subset(reader, keep); sub.root, sub.data_source = reader.root, reader.data_source
         return sub
 
-    def side(self, data: str) -> int: return self.profile.dior_input if data == 'dior_r' else self.profile.input_size
+    def side(self, data: str) -> int:
+        p = self.profile
+        return p.dior_input if data == 'dior_r' else p.ohd_input if data.startswith('ohd') else p.input_size
 
     def pseudo_labels(self, data: str = 'dota') -> tuple[Dataset, dict]:
         "Pseudo-labelled pre-training tiles (boxes, embeddings, PCA + k-means classes), prepared once and kept."
@@ -407,11 +428,7 @@ class MutdetExperiment(Experiment):
 
     def ground_truth(self, data: str, split: str = 'test') -> dict[str, dict]:
         "Full-image ground truth `{image: {'polygons', 'label', 'difficult'}}` of the scored split."
-        prof = self.profile; full = prof.require_full_data
-        if data == 'dota':
-            r = DOTA(split='val' if full else 'all', data_root=self.data_root)
-        else:
-            r = DIORR(split='test' if full else 'trainval', data_root=self.data_root)
+        r = self.source(data, split)
         return {i: {'polygons': np.asarray(t['polygons'], np.float64).reshape(-1, 8), 'label': np.asarray(t['label']),
                     'difficult': np.asarray(t['difficult']).astype(bool)} for i, t in r.targets.items()}
 
@@ -424,8 +441,9 @@ class MutdetExperiment(Experiment):
             scored = self._scored_images(setting.data)
             gts = {k: v for k, v in gts.items() if k in scored}
             classes = DATA[setting.data]['classes']
-            r50 = dota_eval(dets, gts, classes, 0.5); r75 = dota_eval(dets, gts, classes, 0.75)
-            out = {'AP50': 100 * r50['map'], 'AP75': 100 * r75['map']}
+            r = {t: dota_eval(dets, gts, classes, t) for t in np.round(np.arange(0.5, 0.951, 0.05), 2)}
+            r50 = r[0.5]
+            out = {'AP50': 100 * r50['map'], 'AP75': 100 * r[0.75]['map'], 'AP50:95': 100 * float(np.mean([x['map'] for x in r.values()]))}
             out.update({c: (None if a is None else 100 * a) for c, a in r50['ap'].items()})
             return out
         return self.cached(run/'eval.json', compute, after=w)
@@ -480,3 +498,31 @@ class MutdetExperiment(Experiment):
         return {'pretrain': loss_drop([h['loss'] for h in pre_hist]), 'finetune': loss_drop([h['loss'] for h in ft_hist]),
                 'AP50': ev['AP50'], 'objects': ev['objects'], 'tiles': [ids[i] for i in dense], 'pseudo': info,
                 'pretrain_history': pre_hist, 'finetune_history': ft_hist}
+
+    # ---- Figure 1 (d): the feature discrepancy ----
+    def feature_discrepancy(self, setting: Pretrain, max_tiles: int = 64) -> dict[str, np.ndarray]:
+        """Cosine similarity between the decoder's predicted embeddings and the object embeddings of the pseudo-objects they are
+        matched to (`positive`), and to the other objects of the same tile (`negative`), on the pre-training tiles, after the
+        pre-training `setting`. The decoder reads the **un-enhanced** memory (what fine-tuning sees); the targets are the raw
+        object embeddings from the frozen backbone."""
+        w = self.pretrain(setting)
+        ds, _ = self.pseudo_labels(setting.data)
+        prof = self.profile
+        m = MutDet(detector=self.build_detector(prof.clusters, setting.coder, prof.pretrain_layers, 4), **setting.switches(), **prof.enhancement)
+        m.load_state_dict(torch.load(w, map_location='cpu', weights_only=True)['model']); m = m.to(self.device).eval()
+        det = m.detector; pos, neg = [], []
+        with torch.no_grad(): return self._discrepancy(m, ds, max_tiles)
+
+    def _discrepancy(self, m: MutDet, ds: Dataset, max_tiles: int) -> dict[str, np.ndarray]:
+        det = m.detector; pos, neg = [], []
+        for k in range(min(len(ds), max_tiles)):
+            b = collate_detection([ds[k]]); t = b['targets'][0]
+            if len(t['labels']) < 2: continue
+            enc = det.encode(b['image'].to(self.device))
+            out = det.decode(enc['memory'], enc['shapes'])
+            (q, g), = m.criterion.match(out['logits'][-1].cpu(), out['boxes'][-1].cpu(), out['angle_out'][-1].cpu(), [t])
+            pred = F.normalize(m.feature_embed(out['hidden'][-1][0, q.to(self.device)]).cpu(), dim=-1)
+            sim = pred @ F.normalize(t['embeddings'], dim=-1).T                     # [matched, objects]
+            own = torch.zeros_like(sim, dtype=torch.bool); own[torch.arange(len(g)), g] = True
+            pos.append(sim[own].numpy()); neg.append(sim[~own].numpy())
+        return {'positive': np.concatenate(pos) if pos else np.zeros(0), 'negative': np.concatenate(neg) if neg else np.zeros(0)}

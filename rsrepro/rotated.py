@@ -22,7 +22,8 @@ from .metrics import AP_METHODS, claim_first, ranked_ap
 __all__ = ['TASK1_COLUMNS', 'as_polygons', 'polygon_area', 'is_convex', 'convex_intersection_area', 'intersection_area',
            'poly_iou_pairs', 'count_invalid', 'hbb', 'poly_iou', 'read_task1_file', 'read_task1', 'write_task1',
            'candidate_pairs', 'dota_eval', 'read_dota_gt', 'eval_dota', 'format_dota_eval', 'poly_nms', 'tile_origins',
-           'tile_name', 'parse_tile_name', 'split_objects', 'split_image', 'merge_tiles', 'split_dota']
+           'tile_name', 'parse_tile_name', 'split_objects', 'split_image', 'merge_tiles', 'write_tiles', 'split_reader',
+           'split_dota']
 
 # %% ../nbs/api/28_rotated.ipynb #fc49fb2d
 def as_polygons(x, what: str = 'polygons') -> np.ndarray:
@@ -431,11 +432,38 @@ def _label_lines(objs: Mapping[str, np.ndarray], classes: Sequence[str]) -> str:
         lines.append(' '.join(f'{v:g}' for v in q) + f' {classes[int(l)]} {int(d)}')
     return '\n'.join(lines) + '\n'
 
+def write_tiles(image: np.ndarray, target: Mapping[str, Any], name: str, dst: str | os.PathLike, classes: Sequence[str],
+                size: int = 1024, gap: int = 200, thresh: float = 0.7) -> int:
+    "Write the tiles of one image as `dst/images/<tile>.png` + `dst/labelTxt/<tile>.txt` (atomic; tiles already there are kept); their number."
+    from rsrepro.io import write_png
+    dst, n = Path(dst), 0
+    for tname, tile, objs in split_image(image, target, name, size, gap, thresh):
+        ti, tl = dst/'images'/f'{tname}.png', dst/'labelTxt'/f'{tname}.txt'
+        n += 1
+        if ti.is_file() and tl.is_file(): continue   # written by an earlier, interrupted run
+        write_png(ti, tile)
+        with atomic_write(tl) as f: f.write(_label_lines(objs, classes))
+    return n
+
+def split_reader(reader, dst: str | os.PathLike, classes: Sequence[str], size: int = 1024, gap: int = 200,
+                 thresh: float = 0.7, progress: bool = True) -> int:
+    """Split every sample of a reader (`{'image' [3, H, W] in [0, 1], 'polygons', 'label', 'difficult', 'id'}`: OHD-SJTU,
+    DIOR-R, FAIR1M, ...) into DOTA-layout tiles under `dst`, as `split_dota` does; the number of tiles. Resumable."""
+    from tqdm import tqdm
+    n = 0
+    for k in tqdm(range(len(reader)), desc=f'split {Path(dst).name}', disable=not progress, unit='image'):
+        s = reader[k]
+        a = (torch.as_tensor(s['image'])[:3].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        t = {'polygons': np.asarray(s['polygons'], np.float64).reshape(-1, 8), 'label': np.asarray(s['label']),
+             'difficult': np.asarray(s.get('difficult', np.zeros(len(s['label'])))).astype(int)}
+        n += write_tiles(a, t, str(s['id']), dst, classes, size, gap, thresh)
+    return n
+
 def split_dota(src: str | os.PathLike, dst: str | os.PathLike, size: int = 1024, gap: int = 200, thresh: float = 0.7,
                progress: bool = True) -> int:
     "Split `src/images` + `src/labelTxt` into `dst/images` + `dst/labelTxt` tiles (PNG); returns the number of tiles. Resumable."
     from tqdm import tqdm
-    from rsrepro.io import read_image, write_png
+    from rsrepro.io import read_image
     src, dst = Path(src), Path(dst)
     labels = sorted((src/'labelTxt').glob('*.txt'))
     if not labels: raise DataNotFoundError(f'{src}/labelTxt: no DOTA label files to split')
@@ -446,10 +474,5 @@ def split_dota(src: str | os.PathLike, dst: str | os.PathLike, size: int = 1024,
         a = read_image(img)
         if a.ndim == 3 and a.shape[2] == 4: a = a[:, :, :3]
         if a.dtype != np.uint8: raise DataFormatError(f'{img}: expected an 8-bit image, got {a.dtype}')
-        for name, tile, objs in split_image(a, parse_dota_label(lab, dtype=torch.float64), lab.stem, size, gap, thresh):
-            ti, tl = dst/'images'/f'{name}.png', dst/'labelTxt'/f'{name}.txt'
-            n += 1
-            if ti.is_file() and tl.is_file(): continue   # written by an earlier, interrupted run
-            write_png(ti, tile)
-            with atomic_write(tl) as f: f.write(_label_lines(objs, DOTA_CLASSES))
+        n += write_tiles(a, parse_dota_label(lab, dtype=torch.float64), lab.stem, dst, DOTA_CLASSES, size, gap, thresh)
     return n
