@@ -357,13 +357,22 @@ class ARSDETR(torch.nn.Module):
         self.coder = coder if coder is not None else AngleCoder()
         self.num_classes, self.num_queries, self.dim, self.rotate_deform_attn = num_classes, num_queries, dim, rotate_deform_attn
         self.num_dn, self.label_noise, self.box_noise, self.angle_noise = num_dn, label_noise, box_noise, angle_noise
-        r = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
-        for name, p in r.named_parameters():                       # frozen stem (+ the first `frozen_stages` stages)
-            if name.startswith(('conv1', 'bn1')) or any(name.startswith(f'layer{i}.') for i in range(1, frozen_stages + 1)):
-                p.requires_grad_(False)
-        self.backbone = create_feature_extractor(r, {'layer2': 'c3', 'layer3': 'c4', 'layer4': 'c5'})
-        chans = [r.layer2[-1].conv3.out_channels, r.layer3[-1].conv3.out_channels, r.layer4[-1].conv3.out_channels] \
-            if hasattr(r.layer2[-1], 'conv3') else [128, 256, 512]
+        self.backbone_name = backbone
+        if backbone.startswith('swin'):                            # torchvision Swin: features.{1,3,5,7} are the stages
+            r = getattr(torchvision.models, backbone)(weights=None)
+            for name, p in r.named_parameters():                   # frozen patch embedding (+ the first `frozen_stages` stages)
+                if name.startswith('features.0.') or any(name.startswith(f'features.{j}.') for j in range(1, 2 * frozen_stages)):
+                    p.requires_grad_(False)
+            self.backbone = create_feature_extractor(r, {'features.3': 'c3', 'features.5': 'c4', 'features.7': 'c5'})
+            e = r.features[0][0].out_channels; chans = [2 * e, 4 * e, 8 * e]
+        else:
+            r = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+            for name, p in r.named_parameters():                   # frozen stem (+ the first `frozen_stages` stages)
+                if name.startswith(('conv1', 'bn1')) or any(name.startswith(f'layer{i}.') for i in range(1, frozen_stages + 1)):
+                    p.requires_grad_(False)
+            self.backbone = create_feature_extractor(r, {'layer2': 'c3', 'layer3': 'c4', 'layer4': 'c5'})
+            chans = [r.layer2[-1].conv3.out_channels, r.layer3[-1].conv3.out_channels, r.layer4[-1].conv3.out_channels] \
+                if hasattr(r.layer2[-1], 'conv3') else [128, 256, 512]
         gn = lambda: torch.nn.GroupNorm(32, dim)
         self.neck = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(c, dim, 1, bias=False), gn()) for c in chans] +
                                         [torch.nn.Sequential(torch.nn.Conv2d(chans[-1], dim, 3, 2, 1, bias=False), gn())][:num_levels - 3])
@@ -389,6 +398,7 @@ class ARSDETR(torch.nn.Module):
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         f = self.backbone(images); c = [f['c3'], f['c4'], f['c5']]
+        if self.backbone_name.startswith('swin'): c = [x.permute(0, 3, 1, 2).contiguous() for x in c]     # NHWC -> NCHW
         out = [m(x) for m, x in zip(self.neck[:3], c)]
         if len(self.neck) > 3: out.append(self.neck[3](c[-1]))
         return out

@@ -17,21 +17,21 @@ from torch.utils.data import Dataset
 
 from .ars_detr import ARSDETR, ARSCriterion, AngleCoder, poly_to_rbox, rbox_to_poly
 from .core import DataFormatError, DataNotFoundError, RsreproError, atomic_write
-from .detection_data import (DIOR_CLASSES, DIORR, DOTA, DOTA_CLASSES, OHD_SJTU_L_CLASSES, OHD_SJTU_S_CLASSES, OHDSJTUL,
-                                    OHDSJTUS)
+from .detection_data import (DIOR_CLASSES, DIORR, DOTA, DOTA_CLASSES, FAIR1M, HRRSD, OHD_SJTU_L_CLASSES, OHD_SJTU_S_CLASSES,
+                                    OHDSJTUL, OHDSJTUS)
 from .io import image_to_tensor, read_image
 from .mutdet import (IMAGENET_MEAN, IMAGENET_STD, FileBoxes, MutDet, ObjectEmbedder, PseudoClasses, SAMBoxes,
                             SelectiveSearchBoxes, fit_pseudo_classes)
 from .protocol import Experiment, Profile, loss_drop, register_profiles
 from .rotated import TASK1_COLUMNS, dota_eval, merge_tiles, split_dota, split_reader
-from .standins import smoke_ohd_sjtu_root
+from .standins import smoke_fair1m_root, smoke_hrrsd_root, smoke_ohd_sjtu_root
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['ASSUMPTIONS', 'CODERS', 'DETECTORS', 'METHODS', 'MUTDET_SWITCHES', 'DATA', 'SCHEDULES', 'LEARNING', 'PROFILES',
-           'Pretrain', 'Finetune', 'MutdetProfile', 'LearningCheck', 'rbox_targets', 'to_input', 'DetectionSamples',
-           'collate_detection', 'PseudoLabelled', 'box_source', 'prepare_pseudo_labels', 'FinetuneModel',
-           'load_pretrained', 'detections', 'task1_frames', 'MutdetExperiment']
+__all__ = ['ASSUMPTIONS', 'CODERS', 'DETECTORS', 'METHODS', 'MUTDET_SWITCHES', 'DATA', 'SCHEDULES', 'PRETRAIN_DATA', 'BACKBONES',
+           'LEARNING', 'PROFILES', 'Pretrain', 'Finetune', 'MutdetProfile', 'LearningCheck', 'rbox_targets', 'to_input',
+           'DetectionSamples', 'collate_detection', 'PseudoLabelled', 'Prefixed', 'box_source', 'prepare_pseudo_labels',
+           'FinetuneModel', 'load_pretrained', 'detections', 'task1_frames', 'MutdetExperiment']
 
 # %% ../nbs/api/31_mutdet_protocol.ipynb #4daa97dc
 ASSUMPTIONS: dict[str, str] = {
@@ -68,6 +68,14 @@ ASSUMPTIONS: dict[str, str] = {
     'weights evaluated': 'the last epoch, no model selection',
     'smoke data': 'pre-training and fine-tuning both on the real DOTA-v1.0 / DIOR-R samples in ../shared/data (a few '
                   'images): smoke numbers show that the pipeline runs, not what the method achieves',
+    'RSDet4': 'DOTA-v1.0 train, DIOR-R trainval, FAIR1M-2.0 train and HRRSD train + val (the official config), all cut into '
+              '800-px tiles with a 200-px overlap as the paper says (the repository\'s split configs use 1024 / 0 for FAIR1M '
+              'and 800 / 0 for HRRSD); SAM pseudo-labels and ResNet-50 object embeddings as for DOTA; `smoke`: one image '
+              'of each source (DOTA and DIOR-R samples, FAIR1M and HRRSD stand-ins)',
+    'Swin-Tiny': "torchvision's Swin-T (stages 2-4: 192, 384, 768 channels; patch embedding and stage 1 frozen in "
+                 'fine-tuning), 400 queries (the official Swin config); the RSDet4 pre-training config has 6 + 6 layers; '
+                 'the object embeddings still come from the ResNet-50 (the same extraction tool); `smoke` uses the same '
+                 'Swin-T, unpretrained',
 }
 
 # %% ../nbs/api/31_mutdet_protocol.ipynb #4de1435a
@@ -79,7 +87,9 @@ DATA = {'dota': dict(title='DOTA-v1.0', classes=DOTA_CLASSES, tiled=True),
         'dior_r': dict(title='DIOR-R', classes=DIOR_CLASSES, tiled=False),
         'ohd_sjtu_s': dict(title='OHD-SJTU-S', classes=OHD_SJTU_S_CLASSES, tiled=True),
         'ohd_sjtu_l': dict(title='OHD-SJTU-L', classes=OHD_SJTU_L_CLASSES, tiled=True)}
-SCHEDULES = {'1x': 12, '3x': 36}         # mmdetection's convention: 1x = 12 epochs
+SCHEDULES = {'1x': 12, '3x': 36}
+PRETRAIN_DATA = ('dota', 'rsdet4')     # RSDet4: DOTA-v1.0 + DIOR-R + FAIR1M-2.0 + HRRSD (Table 8)
+BACKBONES = ('resnet50', 'swin_t')         # mmdetection's convention: 1x = 12 epochs
 
 @dataclass(frozen=True)
 class Pretrain:
@@ -92,8 +102,11 @@ class Pretrain:
     calibration: str | None = 'siamese'
     coder: str = 'ar_csl'
     data: str = 'dota'
+    backbone: str = 'resnet50'
 
     def __post_init__(self):
+        if self.data not in PRETRAIN_DATA: raise ValueError(f'Pretrain: data={self.data!r}; one of {PRETRAIN_DATA}')
+        if self.backbone not in BACKBONES: raise ValueError(f'Pretrain: backbone={self.backbone!r}; one of {BACKBONES}')
         if self.method not in METHODS.values(): raise ValueError(f'Pretrain: method={self.method!r}; one of {tuple(METHODS.values())}')
         if self.coder not in CODERS: raise ValueError(f'Pretrain: coder={self.coder!r}; one of {tuple(CODERS)}')
         if self.calibration not in MutDet.CALIBRATIONS: raise ValueError(f'Pretrain: calibration={self.calibration!r}')
@@ -101,8 +114,8 @@ class Pretrain:
             raise ValueError("Pretrain: DETReg is MutDet with every switch off; build it with Pretrain.detreg()")
 
     @classmethod
-    def detreg(cls, coder: str = 'ar_csl', data: str = 'dota') -> 'Pretrain':
-        return cls('detreg', False, False, False, False, None, coder, data)
+    def detreg(cls, coder: str = 'ar_csl', data: str = 'dota', backbone: str = 'resnet50') -> 'Pretrain':
+        return cls('detreg', False, False, False, False, None, coder, data, backbone)
 
     def switches(self) -> dict:
         return {k: getattr(self, k) for k in (*MUTDET_SWITCHES, 'calibration')}
@@ -113,7 +126,7 @@ class Pretrain:
         else:
             off = [k for k in MUTDET_SWITCHES if not getattr(self, k)]
             base = 'mutdet' + ''.join(f'-no_{k}' for k in off) + f'-{self.calibration or "nocal"}'
-        return f'pretrain/{self.data}/{base}-{self.coder}'
+        return f'pretrain/{self.data}/{base}-{self.coder}' + ('' if self.backbone == 'resnet50' else f'-{self.backbone}')
 
 @dataclass(frozen=True)
 class Finetune:
@@ -123,8 +136,12 @@ class Finetune:
     epochs: int = 36
     fraction: float = 1.0
     coder: str = 'ar_csl'
+    backbone: str = 'resnet50'
 
     def __post_init__(self):
+        if self.backbone not in BACKBONES: raise ValueError(f'Finetune: backbone={self.backbone!r}; one of {BACKBONES}')
+        if self.pretrain is not None and self.pretrain.backbone != self.backbone:
+            raise ValueError(f'Finetune: backbone {self.backbone!r} but the pre-training used {self.pretrain.backbone!r}')
         if self.data not in DATA: raise ValueError(f'Finetune: data={self.data!r}; one of {tuple(DATA)}')
         if self.coder not in CODERS: raise ValueError(f'Finetune: coder={self.coder!r}; one of {tuple(CODERS)}')
         if not 0 < self.fraction <= 1: raise ValueError(f'Finetune: fraction={self.fraction} must be in (0, 1]')
@@ -132,14 +149,17 @@ class Finetune:
     @property
     def key(self) -> str:
         src = 'scratch' if self.pretrain is None else self.pretrain.key.replace('/', '_')
-        return f'finetune/{self.data}/{src}-{self.coder}-e{self.epochs}-f{self.fraction:g}'
+        bb = '' if self.backbone == 'resnet50' else f'-{self.backbone}'
+        return f'finetune/{self.data}/{src}-{self.coder}{bb}-e{self.epochs}-f{self.fraction:g}'
 
 # %% ../nbs/api/31_mutdet_protocol.ipynb #e89babe8
 @dataclass(kw_only=True)
 class MutdetProfile(Profile):
     "Sizes, schedules and data handling of one profile."
     detector: dict = field(default_factory=dict)          # ARSDETR arguments shared by pre-training and fine-tuning
-    pretrain_layers: tuple[int, int] = (2, 2)
+    pretrain_layers: dict = field(default_factory=lambda: {'dota': (2, 2), 'rsdet4': (6, 6)})   # the official configs
+    backbones: dict = field(default_factory=dict)          # smoke: the backbone that stands in for a named one
+    backbone_overrides: dict = field(default_factory=lambda: {'swin_t': {'num_queries': 400}})   # the Swin configs' 400 queries
     finetune_layers: tuple[int, int] = (6, 6)
     enhancement: dict = field(default_factory=lambda: dict(depth=3, enhancement_heads=8, mlp_dim=2048))
     embed_dim: int = 256                                   # PCA dimension (= the detector width)
@@ -178,9 +198,11 @@ PROFILES = register_profiles('mutdet', {
                           detector=dict(dim=256, num_heads=8, ffn=1024, num_queries=300, num_dn=100, backbone='resnet50')),
     'smoke': MutdetProfile(name='smoke', require_full_data=False,
                            detector=dict(dim=64, num_heads=4, ffn=128, num_queries=100, num_dn=20, backbone='resnet18', dropout=0.0),
-                           pretrain_layers=(1, 1), finetune_layers=(2, 2), enhancement=dict(depth=1, enhancement_heads=4, mlp_dim=128),
+                           pretrain_layers={'dota': (1, 1), 'rsdet4': (1, 1)}, finetune_layers=(2, 2),
+                           backbones={'resnet50': 'resnet18'}, backbone_overrides={}, enhancement=dict(depth=1, enhancement_heads=4, mlp_dim=128),
                            embed_dim=64, clusters=8, box_source='selective_search', box_source_args=dict(scale=100, min_size=20, max_boxes=30),
                            tile=(256, 0), input_size=256, dior_input=256, ohd_tile=(256, 0), ohd_input=256, max_images=4,
+                           smoke_epochs_per_step=12,
                            pretrain_cfg=TrainConfig(max_steps=6, batch_size=2, lr=5e-4, weight_decay=1e-5, clip_grad=1.0, warmup_steps=0, schedule='constant', log_every=1),
                            finetune_cfg=TrainConfig(max_steps=6, batch_size=2, lr=5e-4, weight_decay=1e-5, clip_grad=1.0, warmup_steps=0, schedule='constant', log_every=1),
                            learning=dict(steps=250, tiles=1, lr=5e-4, pretrain_steps=40)),
@@ -238,6 +260,20 @@ class PseudoLabelled(Dataset):
         t = rbox_targets(poly * np.array([fx, fy], np.float32), self.pc.assign(emb) if len(emb) else np.zeros(0, int), (self.side, self.side))
         t['embeddings'] = torch.from_numpy(emb)
         return {'image': img, 'targets': t, 'id': s['id'], 'scale': (fx, fy)}
+
+class Prefixed(Dataset):
+    "Several image datasets as one, each sample's `id` prefixed with its part's name (`<part>-<id>`) so that ids stay unique."
+    def __init__(self, parts: dict[str, Dataset]):
+        self.parts = dict(parts); self.index = [(k, i) for k, d in self.parts.items() for i in range(len(d))]
+        self.data_source = '; '.join(f'{k}: {getattr(d, "data_source", None) or getattr(getattr(d, "dataset", None), "data_source", "?")}'
+                                     for k, d in self.parts.items())
+        self.root = None
+
+    def __len__(self): return len(self.index)
+
+    def __getitem__(self, k):
+        name, i = self.index[k]; s = dict(self.parts[name][i]); s['id'] = f"{name}-{s['id']}"
+        return s
 
 def box_source(kind: str, **kw):
     "The box source a profile names: 'sam' (needs `checkpoint`), 'selective_search', 'file' (needs `root`)."
@@ -307,8 +343,9 @@ def task1_frames(dets: Sequence[dict], ids: Sequence[str], scales: Sequence[tupl
 # %% ../nbs/api/31_mutdet_protocol.ipynb #ac5877fa
 def _param_groups(model: torch.nn.Module, finetune: bool) -> list[dict]:
     "lr x 0.1 for the sampling offsets (and, in fine-tuning, the trainable backbone), as `paramwise_cfg`."
-    slow = [p for n, p in model.named_parameters() if p.requires_grad and ('sampling_offsets' in n or (finetune and '.backbone.' in f'.{n}'))]
-    return [{'params': slow, 'lr_mult': 0.1, 'name': 'x0.1'}] if slow else []
+    # by name (exact names are their own prefixes): `fit` builds its own instance of the model, so parameter objects cannot be passed
+    slow = tuple(n for n, p in model.named_parameters() if p.requires_grad and ('sampling_offsets' in n or (finetune and '.backbone.' in f'.{n}')))
+    return [{'prefix': slow, 'lr_mult': 0.1, 'name': 'x0.1'}] if slow else []
 
 class MutdetExperiment(Experiment):
     "MutDet's runs: tiles, pseudo-labels, pre-trainings, fine-tunings and their DOTA-style scores (cached, resumable)."
@@ -354,9 +391,29 @@ class MutdetExperiment(Experiment):
         p = self.profile
         return p.dior_input if data == 'dior_r' else p.ohd_input if data.startswith('ohd') else p.input_size
 
+    def pretrain_images(self, data: str) -> Dataset:
+        "The pre-training images: DOTA-v1.0 train tiles, or RSDet4 (DOTA-v1.0 train, DIOR-R trainval, FAIR1M-2.0 train, HRRSD trainval)."
+        if data == 'dota': return self.reader('dota', 'train')
+        if data != 'rsdet4': raise ValueError(f'pretrain_images: data={data!r}; one of {PRETRAIN_DATA}')
+        full = self.profile.require_full_data
+        fair = self.open_dataset('FAIR1M-2.0', lambda root=None: FAIR1M(root=root, split='train', data_root=self.data_root), standin=smoke_fair1m_root)
+        hrrsd = self.open_dataset('HRRSD', lambda root=None: HRRSD(root=root, split='trainval', data_root=self.data_root), standin=smoke_hrrsd_root)
+        size, gap = self.profile.tile
+        parts = {'dota': self.reader('dota', 'train'), 'dior': self.reader('dior_r', 'train')}
+        for name, base, title in (('fair1m', fair, 'FAIR1M-2.0'), ('hrrsd', hrrsd, 'HRRSD')):
+            dest = self.root/'tiles'/f'{name}_images_{size}_{gap}'
+            if not (dest/'done.json').is_file():
+                n = split_reader(base, dest, None, size, gap, progress=self.log)
+                with atomic_write(dest/'done.json') as f: json.dump({'tiles': n, 'source': base.data_source}, f)
+            t = DOTA(root=dest, classes=()); t.data_source = self.sources[title]
+            parts[name] = self._cap(t)
+        if not full:                                  # smoke: one image of each source
+            parts = {k: torch.utils.data.Subset(v, [0]) for k, v in parts.items()}
+        return Prefixed(parts)
+
     def pseudo_labels(self, data: str = 'dota') -> tuple[Dataset, dict]:
         "Pseudo-labelled pre-training tiles (boxes, embeddings, PCA + k-means classes), prepared once and kept."
-        prof = self.profile; reader = self.reader(data, 'train')
+        prof = self.profile; reader = self.pretrain_images(data)
         kind = prof.box_source
         d = self.root/'pseudo'/f'{data}_{kind}_{"imagenet" if prof.embedder_weights else "random"}'
         emb = ObjectEmbedder(prof.embedder_weights)
@@ -373,16 +430,19 @@ class MutdetExperiment(Experiment):
         return PseudoLabelled(reader, d/'labels', pc, self.side(data)), info
 
     # ---- runs ----
-    def build_detector(self, num_classes: int, coder: str, layers: tuple[int, int], frozen_stages: int) -> ARSDETR:
+    def build_detector(self, num_classes: int, coder: str, layers: tuple[int, int], frozen_stages: int,
+                       backbone: str = 'resnet50') -> ARSDETR:
+        p = self.profile
+        kw = {**p.detector, 'backbone': p.backbones.get(backbone, backbone), **p.backbone_overrides.get(backbone, {})}
         return ARSDETR(num_classes=num_classes, coder=CODERS[coder](), enc_layers=layers[0], dec_layers=layers[1],
-                       frozen_stages=frozen_stages, **self.profile.detector)
+                       frozen_stages=frozen_stages, **kw)
 
     def pretrain(self, setting: Pretrain) -> Path:
         "Weights of the pre-training `setting` (trained once, reused by every page)."
         prof = self.profile
         ds, info = self.pseudo_labels(setting.data)
         def build():
-            det = self.build_detector(prof.clusters, setting.coder, prof.pretrain_layers, 4)
+            det = self.build_detector(prof.clusters, setting.coder, prof.pretrain_layers[setting.data], 4, setting.backbone)
             return MutDet(detector=det, **setting.switches(), **prof.enhancement)
         cfg = prof.pretrain_cfg if prof.pretrain_steps is None else replace(prof.pretrain_cfg, max_steps=prof.pretrain_steps, epochs=None)
         m = build()
@@ -398,22 +458,23 @@ class MutdetExperiment(Experiment):
         ds = DetectionSamples(reader, self.side(setting.data), idx)
         parents = [self.pretrain(setting.pretrain)] if setting.pretrain is not None else []
         def build():
-            det = self.build_detector(len(classes), setting.coder, prof.finetune_layers, 1)
+            det = self.build_detector(len(classes), setting.coder, prof.finetune_layers, 1, setting.backbone)
             if parents: print('loaded pre-training:', load_pretrained(det, parents[0]))
             return FinetuneModel(det)
         cfg = prof.finetune_cfg
         if cfg.epochs is not None:
             cfg = replace(cfg, epochs=setting.epochs, milestones=(min(32, setting.epochs * 8 / 9) / setting.epochs,))
-        else:                                    # smoke: a step per `steps_per_epoch_unit` epochs (12 -> 2, 36 -> 6)
+        else:                                    # smoke: a step per `smoke_epochs_per_step` epochs (12 -> 1, 36 -> 3)
             cfg = replace(cfg, max_steps=max(1, setting.epochs // prof.smoke_epochs_per_step))
         return self.train(build, ds, cfg, self.root/setting.key, setting=asdict(setting), parents=parents,
-                          collate_fn=collate_detection, param_groups=_param_groups(build(), finetune=True))
+                          collate_fn=collate_detection, param_groups=_param_groups(FinetuneModel(
+                              self.build_detector(len(classes), setting.coder, prof.finetune_layers, 1, setting.backbone)), finetune=True))
 
     @torch.no_grad()
     def predict(self, weights: Path, setting: Finetune, split: str = 'test') -> dict[str, pd.DataFrame]:
         "Task1 frames of the fine-tuned detector on `split` (DOTA tiles merged back to full images)."
         classes = DATA[setting.data]['classes']
-        det = self.build_detector(len(classes), setting.coder, self.profile.finetune_layers, 1)
+        det = self.build_detector(len(classes), setting.coder, self.profile.finetune_layers, 1, setting.backbone)
         det.load_state_dict({k.removeprefix('detector.'): v for k, v in torch.load(weights, map_location='cpu', weights_only=True)['model'].items()
                              if k.startswith('detector.')})
         det = det.to(self.device).eval()
@@ -463,7 +524,7 @@ class MutdetExperiment(Experiment):
         ds, info = self.pseudo_labels('dota')
         pset = Pretrain()
         def build_pre():
-            return MutDet(detector=self.build_detector(prof.clusters, pset.coder, prof.pretrain_layers, 4), **pset.switches(), **prof.enhancement)
+            return MutDet(detector=self.build_detector(prof.clusters, pset.coder, prof.pretrain_layers['dota'], 4), **pset.switches(), **prof.enhancement)
         pcfg = replace(prof.pretrain_cfg, max_steps=L.get('pretrain_steps', 60), epochs=None)
         pw = self.train(build_pre, ds, pcfg, self.root/'learning'/'pretrain', setting={'learning': 'pretrain', 'pseudo': info},
                         collate_fn=collate_detection, param_groups=_param_groups(build_pre(), finetune=False))
@@ -481,7 +542,8 @@ class MutdetExperiment(Experiment):
             return FinetuneModel(det)
         fcfg = replace(prof.finetune_cfg, max_steps=L.get('steps', 300), epochs=None, lr=L.get('lr', prof.finetune_cfg.lr))
         fw = self.train(build_ft, fds, fcfg, self.root/'learning'/'finetune', setting={'learning': 'finetune', 'tiles': [ids[i] for i in dense]},
-                        parents=[pw], collate_fn=collate_detection, param_groups=_param_groups(build_ft(), finetune=True))
+                        parents=[pw], collate_fn=collate_detection,
+                        param_groups=_param_groups(FinetuneModel(self.build_detector(len(DOTA_CLASSES), 'ar_csl', prof.finetune_layers, 1)), finetune=True))
         ft_hist = self.history(fw.parent)
         def compute():
             m = build_ft(); m.load_state_dict(torch.load(fw, map_location='cpu', weights_only=True)['model']); det = m.detector.to(self.device).eval()
@@ -508,7 +570,8 @@ class MutdetExperiment(Experiment):
         w = self.pretrain(setting)
         ds, _ = self.pseudo_labels(setting.data)
         prof = self.profile
-        m = MutDet(detector=self.build_detector(prof.clusters, setting.coder, prof.pretrain_layers, 4), **setting.switches(), **prof.enhancement)
+        m = MutDet(detector=self.build_detector(prof.clusters, setting.coder, prof.pretrain_layers[setting.data], 4, setting.backbone),
+                   **setting.switches(), **prof.enhancement)
         m.load_state_dict(torch.load(w, map_location='cpu', weights_only=True)['model']); m = m.to(self.device).eval()
         det = m.detector; pos, neg = [], []
         with torch.no_grad(): return self._discrepancy(m, ds, max_tiles)

@@ -432,9 +432,10 @@ def _label_lines(objs: Mapping[str, np.ndarray], classes: Sequence[str]) -> str:
         lines.append(' '.join(f'{v:g}' for v in q) + f' {classes[int(l)]} {int(d)}')
     return '\n'.join(lines) + '\n'
 
-def write_tiles(image: np.ndarray, target: Mapping[str, Any], name: str, dst: str | os.PathLike, classes: Sequence[str],
+def write_tiles(image: np.ndarray, target: Mapping[str, Any], name: str, dst: str | os.PathLike, classes: Sequence[str] | None,
                 size: int = 1024, gap: int = 200, thresh: float = 0.7) -> int:
-    "Write the tiles of one image as `dst/images/<tile>.png` + `dst/labelTxt/<tile>.txt` (atomic; tiles already there are kept); their number."
+    """Write the tiles of one image as `dst/images/<tile>.png` + `dst/labelTxt/<tile>.txt` (atomic; tiles already there are
+    kept); their number. `classes=None` writes images only (label files without objects: pre-training tiles)."""
     from rsrepro.io import write_png
     dst, n = Path(dst), 0
     for tname, tile, objs in split_image(image, target, name, size, gap, thresh):
@@ -442,21 +443,23 @@ def write_tiles(image: np.ndarray, target: Mapping[str, Any], name: str, dst: st
         n += 1
         if ti.is_file() and tl.is_file(): continue   # written by an earlier, interrupted run
         write_png(ti, tile)
-        with atomic_write(tl) as f: f.write(_label_lines(objs, classes))
+        with atomic_write(tl) as f: f.write(_label_lines(objs, classes) if classes is not None else 'imagesource:rsrepro.split_dota\ngsd:null\n')
     return n
 
-def split_reader(reader, dst: str | os.PathLike, classes: Sequence[str], size: int = 1024, gap: int = 200,
+def split_reader(reader, dst: str | os.PathLike, classes: Sequence[str] | None, size: int = 1024, gap: int = 200,
                  thresh: float = 0.7, progress: bool = True) -> int:
     """Split every sample of a reader (`{'image' [3, H, W] in [0, 1], 'polygons', 'label', 'difficult', 'id'}`: OHD-SJTU,
-    DIOR-R, FAIR1M, ...) into DOTA-layout tiles under `dst`, as `split_dota` does; the number of tiles. Resumable."""
+    DIOR-R, FAIR1M, ...) into DOTA-layout tiles under `dst`, as `split_dota` does (`classes=None`: the images only); the
+    number of tiles. Resumable."""
     from tqdm import tqdm
     n = 0
     for k in tqdm(range(len(reader)), desc=f'split {Path(dst).name}', disable=not progress, unit='image'):
         s = reader[k]
         a = (torch.as_tensor(s['image'])[:3].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        t = {'polygons': np.asarray(s['polygons'], np.float64).reshape(-1, 8), 'label': np.asarray(s['label']),
+        t = {'polygons': np.zeros((0, 8)), 'label': np.zeros(0, int), 'difficult': np.zeros(0, int)} if classes is None else \
+            {'polygons': np.asarray(s['polygons'], np.float64).reshape(-1, 8), 'label': np.asarray(s['label']),
              'difficult': np.asarray(s.get('difficult', np.zeros(len(s['label'])))).astype(int)}
-        n += write_tiles(a, t, str(s['id']), dst, classes, size, gap, thresh)
+        n += write_tiles(a, t, str(s['id']).replace('/', '_'), dst, classes, size, gap, thresh)   # ids with folders (FAIR1M parts) flattened
     return n
 
 def split_dota(src: str | os.PathLike, dst: str | os.PathLike, size: int = 1024, gap: int = 200, thresh: float = 0.7,

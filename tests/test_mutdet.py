@@ -217,3 +217,17 @@ def test_prepare_pseudo_labels_is_resumable(tmp_path):
     t = (out/'img1.npz').stat().st_mtime_ns
     prepare_pseudo_labels(Two(), FileBoxes(tmp_path/'boxes'), emb, tmp_path/'labels')
     assert (out/'img1.npz').stat().st_mtime_ns == t and not list(out.glob('*.tmp'))
+
+
+def test_lr_groups_reach_the_model_fit_builds():
+    "The x0.1 group is given by names, so it claims the sampling offsets (and, in fine-tuning, the backbone) of any instance."
+    from rsrepro.ars_detr import ARSDETR
+    from rsrepro.mutdet_protocol import FinetuneModel, _param_groups
+    from rsrepro.train import TrainConfig, build_param_groups
+    mk = lambda: FinetuneModel(ARSDETR(num_classes=3, dim=32, num_heads=2, enc_layers=1, dec_layers=1, ffn=64, num_queries=10, backbone='resnet18'))
+    groups = build_param_groups(mk(), TrainConfig(max_steps=1), _param_groups(mk(), finetune=True))
+    slow = [n for g in groups if g['lr_mult'] == 0.1 for n in g['names']]
+    assert slow and all('sampling_offsets' in n or '.backbone.' in f'.{n}' for n in slow)
+    assert any('sampling_offsets' in n for n in slow) and any(n.startswith('detector.backbone.') for n in slow)
+    fast = [n for g in groups if g['lr_mult'] == 1.0 for n in g['names']]
+    assert not any('sampling_offsets' in n for n in fast)
