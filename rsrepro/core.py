@@ -161,7 +161,7 @@ class Registry:
     def __repr__(self): return f'Registry({self.kind!r}, {self.names()})'
 
 # Modules that register models and datasets; a paper's module adds itself here when it lands.
-MODELS = Registry('model', modules=('rsrepro.mae', 'rsrepro.imim', 'rsrepro.incomplete', 'rsrepro.crossscale', 'rsrepro.mutdet'))
+MODELS = Registry('model', modules=('rsrepro.mae', 'rsrepro.imim', 'rsrepro.incomplete', 'rsrepro.crossscale', 'rsrepro.mutdet', 'rsrepro.mutdet_baselines'))
 DATASETS = Registry('dataset', modules=('rsrepro.data', 'rsrepro.detection_data', 'rsrepro.multimodal_data',
                                           'rsrepro.fusion_data'))
 

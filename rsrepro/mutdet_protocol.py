@@ -20,6 +20,7 @@ from .core import DataFormatError, DataNotFoundError, RsreproError, atomic_write
 from .detection_data import (DIOR_CLASSES, DIORR, DOTA, DOTA_CLASSES, FAIR1M, HRRSD, OHD_SJTU_L_CLASSES, OHD_SJTU_S_CLASSES,
                                     OHDSJTUL, OHDSJTUS)
 from .io import image_to_tensor, read_image
+from .mutdet_baselines import AlignDet, UPDETR
 from .mutdet import (IMAGENET_MEAN, IMAGENET_STD, FileBoxes, MutDet, ObjectEmbedder, PseudoClasses, SAMBoxes,
                             SelectiveSearchBoxes, fit_pseudo_classes)
 from .protocol import Experiment, Profile, loss_drop, register_profiles
@@ -81,7 +82,7 @@ ASSUMPTIONS: dict[str, str] = {
 # %% ../nbs/api/31_mutdet_protocol.ipynb #4de1435a
 CODERS = {'ar_csl': lambda: AngleCoder('aspect_ratio'), 'csl': lambda: AngleCoder('gaussian'), 'regression': lambda: AngleCoder(None)}
 DETECTORS = {'Rotated D-DETR': 'regression', 'CSL D-DETR': 'csl', 'AR-CSL D-DETR': 'ar_csl'}
-METHODS = {'DETReg': 'detreg', 'MutDet (Ours)': 'mutdet'}
+METHODS = {'UP-DETR': 'updetr', 'AlignDet': 'aligndet', 'DETReg': 'detreg', 'MutDet (Ours)': 'mutdet'}
 MUTDET_SWITCHES = ('contrastive', 'enhanced_embedding', 'enhanced_feature', 'encoder_loss')
 DATA = {'dota': dict(title='DOTA-v1.0', classes=DOTA_CLASSES, tiled=True),
         'dior_r': dict(title='DIOR-R', classes=DIOR_CLASSES, tiled=False),
@@ -93,7 +94,7 @@ BACKBONES = ('resnet50', 'swin_t')         # mmdetection's convention: 1x = 12 e
 
 @dataclass(frozen=True)
 class Pretrain:
-    "One pre-training: `method` ('mutdet' or 'detreg'), MutDet's switches (Table 7) and calibration (Table 1), the angle coder (Table 9)."
+    "One pre-training: `method` (a value of `METHODS`), MutDet's switches (Table 7) and calibration (Table 1), the angle coder (Table 9), data, backbone."
     method: str = 'mutdet'
     contrastive: bool = True
     enhanced_embedding: bool = True
@@ -110,19 +111,24 @@ class Pretrain:
         if self.method not in METHODS.values(): raise ValueError(f'Pretrain: method={self.method!r}; one of {tuple(METHODS.values())}')
         if self.coder not in CODERS: raise ValueError(f'Pretrain: coder={self.coder!r}; one of {tuple(CODERS)}')
         if self.calibration not in MutDet.CALIBRATIONS: raise ValueError(f'Pretrain: calibration={self.calibration!r}')
-        if self.method == 'detreg' and (any(getattr(self, k) for k in MUTDET_SWITCHES) or self.calibration is not None):
-            raise ValueError("Pretrain: DETReg is MutDet with every switch off; build it with Pretrain.detreg()")
+        if self.method != 'mutdet' and (any(getattr(self, k) for k in MUTDET_SWITCHES) or self.calibration is not None):
+            raise ValueError(f"Pretrain: the switches belong to MutDet, not to {self.method!r}; build it with Pretrain.baseline({self.method!r})")
+
+    @classmethod
+    def baseline(cls, method: str, coder: str = 'ar_csl', data: str = 'dota', backbone: str = 'resnet50') -> 'Pretrain':
+        "UP-DETR, AlignDet or DETReg (MutDet with every switch off)."
+        return cls(method, False, False, False, False, None, coder, data, backbone)
 
     @classmethod
     def detreg(cls, coder: str = 'ar_csl', data: str = 'dota', backbone: str = 'resnet50') -> 'Pretrain':
-        return cls('detreg', False, False, False, False, None, coder, data, backbone)
+        return cls.baseline('detreg', coder, data, backbone)
 
     def switches(self) -> dict:
         return {k: getattr(self, k) for k in (*MUTDET_SWITCHES, 'calibration')}
 
     @property
     def key(self) -> str:
-        if self.method == 'detreg': base = 'detreg'
+        if self.method != 'mutdet': base = self.method
         else:
             off = [k for k in MUTDET_SWITCHES if not getattr(self, k)]
             base = 'mutdet' + ''.join(f'-no_{k}' for k in off) + f'-{self.calibration or "nocal"}'
@@ -441,10 +447,13 @@ class MutdetExperiment(Experiment):
         "Weights of the pre-training `setting` (trained once, reused by every page)."
         prof = self.profile
         ds, info = self.pseudo_labels(setting.data)
+        cfg = prof.pretrain_cfg if prof.pretrain_steps is None else replace(prof.pretrain_cfg, max_steps=prof.pretrain_steps, epochs=None)
+        steps = cfg.max_steps or cfg.epochs * max(1, len(ds) // min(cfg.batch_size, len(ds)))
         def build():
             det = self.build_detector(prof.clusters, setting.coder, prof.pretrain_layers[setting.data], 4, setting.backbone)
+            if setting.method == 'updetr': return UPDETR(detector=det)
+            if setting.method == 'aligndet': return AlignDet(detector=det, total_steps=steps)
             return MutDet(detector=det, **setting.switches(), **prof.enhancement)
-        cfg = prof.pretrain_cfg if prof.pretrain_steps is None else replace(prof.pretrain_cfg, max_steps=prof.pretrain_steps, epochs=None)
         m = build()
         return self.train(build, ds, cfg, self.root/setting.key, setting={**asdict(setting), 'pseudo': info},
                           collate_fn=collate_detection, param_groups=_param_groups(m, finetune=False))

@@ -110,13 +110,13 @@ def test_crossscale_writes_every_result_row(smoke):
 
 
 def test_mutdet_writes_the_rows_it_runs(smoke):
-    "mutdet: Tables 1-9 get a smoke value in every published column of the rows run so far (pre-training free, DETReg, "
-    "MutDet and its switches); Figure 4 is drawn."
+    "mutdet: Tables 1-9 get a smoke value in every published column of the rows (pre-training free, UP-DETR, AlignDet, "
+    "DETReg, MutDet and its switches); Figure 4 is drawn."
     from rsrepro.published import load
     from rsrepro.results import load_results
     out, _, _ = smoke
     res = load_results(out, 'mutdet')
-    ours = {'Pre-training free', 'DETReg', 'MutDet (Ours)'}
+    ours = {'Pre-training free', 'UP-DETR', 'AlignDet', 'DETReg', 'MutDet (Ours)'}
     for t in ('1', '2', '3', '4', '5', '6', '7', '8', '9'):
         pub, got = load('mutdet', t), res[res.table == t]
         pub = pub[~pub.column.str.endswith('(gain)')]
