@@ -359,7 +359,10 @@ class ARSDETR(torch.nn.Module):
         self.num_dn, self.label_noise, self.box_noise, self.angle_noise = num_dn, label_noise, box_noise, angle_noise
         self.backbone_name = backbone
         if backbone.startswith('swin'):                            # torchvision Swin: features.{1,3,5,7} are the stages
-            r = getattr(torchvision.models, backbone)(weights=None)
+            if backbone == 'swin_micro':                           # a 4-block, 32-wide Swin for smoke runs (not a published model)
+                from torchvision.models.swin_transformer import SwinTransformer
+                r = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=[7, 7])
+            else: r = getattr(torchvision.models, backbone)(weights=None)
             for name, p in r.named_parameters():                   # frozen patch embedding (+ the first `frozen_stages` stages)
                 if name.startswith('features.0.') or any(name.startswith(f'features.{j}.') for j in range(1, 2 * frozen_stages)):
                     p.requires_grad_(False)

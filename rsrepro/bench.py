@@ -100,6 +100,15 @@ def _crossscale(cls: str, **kw):
         return getattr(m, cls)(img_size=120, patch_size=8, embed_dim=384, depth=12, num_heads=6, **kw)
     return build
 
+def _detection_batch(s: int, objects: int = 100, dim: int = 256):
+    "Random images with `objects` pseudo-objects each (boxes, le90 angles, 256 pseudo-classes, unit embeddings): a MutDet batch."
+    def batch(B, dev):
+        tg = [{'labels': torch.randint(0, 256, (objects,), device=dev), 'boxes': torch.rand(objects, 4, device=dev) * 0.3 + 0.2,
+               'angles': torch.rand(objects, device=dev) * 3 - 1.5,
+               'embeddings': torch.nn.functional.normalize(torch.randn(objects, dim, device=dev), dim=-1)} for _ in range(B)]
+        return {'image': torch.randn(B, 3, s, s, device=dev), 'targets': tg}
+    return batch
+
 _MAE_REF = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128,
                 decoder_depth=2, decoder_num_heads=16, mlp_ratio=4., norm_pix_loss=True)
 _MAE_DEC = dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=16, norm_pix_loss=True)
@@ -129,6 +138,10 @@ BENCH_METHODS: dict[str, BenchMethod] = {
     'crossscale_fusmae': BenchMethod('crossscale', 'Fus-MAE baseline, cross-attention early fusion, ViT-S/8',
                                      _crossscale('FusMAE', decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
                                      _bands(120, **_S12), 120, 14),
+    'mutdet': BenchMethod('mutdet', 'MutDet on ARS-DETR R50 (frozen), 2 + 2 layers, 300 queries, 100 denoising, mutual '
+                          'enhancement depth 3, siamese head, 1024 px, 100 pseudo-objects per image (the DOTA pre-training config)',
+                          _registered('rsrepro.mutdet', 'mutdet', num_classes=256, enc_layers=2, dec_layers=2),
+                          _detection_batch(1024), 1024, 3),
 }
 
 # %% ../nbs/api/11_bench.ipynb #fe8f38c0

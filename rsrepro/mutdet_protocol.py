@@ -75,8 +75,8 @@ ASSUMPTIONS: dict[str, str] = {
               'of each source (DOTA and DIOR-R samples, FAIR1M and HRRSD stand-ins)',
     'Swin-Tiny': "torchvision's Swin-T (stages 2-4: 192, 384, 768 channels; patch embedding and stage 1 frozen in "
                  'fine-tuning), 400 queries (the official Swin config); the RSDet4 pre-training config has 6 + 6 layers; '
-                 'the object embeddings still come from the ResNet-50 (the same extraction tool); `smoke` uses the same '
-                 'Swin-T, unpretrained',
+                 'the object embeddings still come from the ResNet-50 (the same extraction tool); `smoke` stands it in '
+                 'with a 4-block, 32-wide Swin (`swin_micro`), as ResNet-18 stands in for ResNet-50',
 }
 
 # %% ../nbs/api/31_mutdet_protocol.ipynb #4de1435a
@@ -205,7 +205,7 @@ PROFILES = register_profiles('mutdet', {
     'smoke': MutdetProfile(name='smoke', require_full_data=False,
                            detector=dict(dim=64, num_heads=4, ffn=128, num_queries=100, num_dn=20, backbone='resnet18', dropout=0.0),
                            pretrain_layers={'dota': (1, 1), 'rsdet4': (1, 1)}, finetune_layers=(2, 2),
-                           backbones={'resnet50': 'resnet18'}, backbone_overrides={}, enhancement=dict(depth=1, enhancement_heads=4, mlp_dim=128),
+                           backbones={'resnet50': 'resnet18', 'swin_t': 'swin_micro'}, backbone_overrides={}, enhancement=dict(depth=1, enhancement_heads=4, mlp_dim=128),
                            embed_dim=64, clusters=8, box_source='selective_search', box_source_args=dict(scale=100, min_size=20, max_boxes=30),
                            tile=(256, 0), input_size=256, dior_input=256, ohd_tile=(256, 0), ohd_input=256, max_images=4,
                            smoke_epochs_per_step=12,

@@ -37,7 +37,7 @@ out_dir = 'results'    # where result records, figures and executed notebooks go
 '''
 
 SMOKE = '''# > **Smoke profile: these numbers are not claims.** In `smoke` every pre-training runs 6 steps and every fine-tuning
-# > `epochs / 12` steps (12 -> 1, 36 -> 3) with a ResNet-18 (Swin-T where named), 64-wide, 1 + 1 (pre-training) / 2 + 2 (fine-tuning) layer
+# > `epochs / 12` steps (12 -> 1, 36 -> 3) with a ResNet-18 (a 4-block Swin where Swin-T is named), 64-wide, 1 + 1 (pre-training) / 2 + 2 (fine-tuning) layer
 # > ARS-DETR on 256-px tiles of the real DOTA-v1.0 / DIOR-R samples (at most 4 images per split; the samples are both
 # > the training and the scored images), pseudo-boxes from selective search and object embeddings from a randomly
 # > initialised ResNet-50 (there are no SAM or ImageNet weights offline). Detectors trained for 2-6 steps score near 0
