@@ -21,6 +21,7 @@ from .losses import info_nce, masked_cross_entropy, masked_mse
 from .mae import ENCODER_PREFIXES, MaskedAutoencoderViT
 from .mask2former import SimpleFeaturePyramid
 from .masking import get_2d_sincos_pos_embed, patchify, random_masking
+from .train import momentum_schedule
 
 # %% auto #0
 __all__ = ['BIGEARTHNET_MODALITIES', 'SEN12MS_MODALITIES', 'C2SEG_BW_MODALITIES', 'GLOBE230K_MODALITIES', 'crossscale_vit_tiny',
@@ -480,9 +481,7 @@ class DINOMM(nn.Module):
 
     def teacher_momentum(self) -> float:
         "DINO's schedule: `1 - (1 - m0) * (cos(pi * t / T) + 1) / 2` over `total_steps` (constant `m0` when None)."
-        if not self.total_steps: return self.momentum_teacher
-        t = min(int(self.ema_steps), self.total_steps)
-        return 1 - (1 - self.momentum_teacher) * (math.cos(math.pi * t / self.total_steps) + 1) / 2
+        return momentum_schedule(self.momentum_teacher, self.ema_steps, self.total_steps)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float | None = None) -> float:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .ars_detr import ARSDETR, ARSCriterion, _MLP, denoising_pairs, denoising_queries, hungarian_match
 from .ars_detr import inverse_sigmoid, norm_rbox
+from .train import momentum_schedule
 from .core import MODELS
 from .losses import info_nce
 from .mutdet import IMAGENET_MEAN, IMAGENET_STD, embedding_mse
@@ -296,9 +297,7 @@ class AlignDet(torch.nn.Module):
 
     def momentum(self) -> float:
         "AlignDet's schedule: `1 - (1 - m0) * (cos(pi * t / T) + 1) / 2` over `total_steps` (constant `m0` when None)."
-        if not self.total_steps: return self.base_momentum
-        t = min(int(self.ema_steps), self.total_steps)
-        return 1 - (1 - self.base_momentum) * (math.cos(math.pi * t / self.total_steps) + 1) / 2
+        return momentum_schedule(self.base_momentum, self.ema_steps, self.total_steps)
 
     @torch.no_grad()
     def update_target(self, momentum: float | None = None) -> float:

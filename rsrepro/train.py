@@ -21,9 +21,9 @@ from .core import (RsreproError, DataFormatError, DataNotFoundError, atomic_torc
 from .io import load_weights, read_torch
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'AMP_MODES', 'CKPT_FORMAT', 'CKPT_NAME', 'TrainConfig', 'lr_factor', 'build_param_groups',
-           'ResumableSampler', 'rng_state', 'set_rng_state', 'load_checkpoint', 'write_metrics', 'dist_info',
-           'to_device', 'amp_dtype', 'fit']
+__all__ = ['SCHEDULES', 'AMP_MODES', 'CKPT_FORMAT', 'CKPT_NAME', 'TrainConfig', 'momentum_schedule', 'lr_factor',
+           'build_param_groups', 'ResumableSampler', 'rng_state', 'set_rng_state', 'load_checkpoint', 'write_metrics',
+           'dist_info', 'to_device', 'amp_dtype', 'fit']
 
 # %% ../nbs/api/07_train.ipynb #46c845c4
 SCHEDULES = ('cosine', 'step', 'constant')
@@ -80,6 +80,13 @@ class TrainConfig:
             raise bad(f'milestones={self.milestones} must be fractions of training in (0, 1]')
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr: raise bad(f'need 0 <= min_lr <= lr, lr > 0')
         return self
+
+# %% ../nbs/api/07_train.ipynb #537114a5
+def momentum_schedule(base: float, step: int, total_steps: int | None) -> float:
+    "`1 - (1 - base) * (cos(pi * t / T) + 1) / 2` with `t = min(step, T)`; the constant `base` when `total_steps` is None or 0."
+    if not total_steps: return base
+    t = min(int(step), total_steps)
+    return 1 - (1 - base) * (math.cos(math.pi * t / total_steps) + 1) / 2
 
 # %% ../nbs/api/07_train.ipynb #b51f1f80
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = 'cosine', min_lr_ratio: float = 0.,
