@@ -514,4 +514,5 @@ if __name__ == '__main__':
             src.write_text(HEADER + text)
             subprocess.run([sys.executable, '-m', 'jupytext', '--to', 'ipynb', str(src), '-o', str(DEST/f'{name}.ipynb')], check=True,
                            capture_output=True)
+        subprocess.run([str(Path(sys.executable).parent/'nbdev_clean'), '--fname', str(DEST/f'{name}.ipynb')], check=True)   # as `make check-drift` wants
         print('wrote', DEST/f'{name}.ipynb')
