@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .ars_detr import ARSDETR, ARSCriterion, AngleCoder, _MLP, denoising_queries, poly_to_rbox
 from .attention import Attention, CrossAttention
 from .core import MODELS, DataFormatError, DataNotFoundError, atomic_write
+from .io import load_weights
 from .losses import info_nce
 
 # %% auto #0
@@ -174,13 +175,10 @@ class ObjectEmbedder(torch.nn.Module):
         net = getattr(torchvision.models, arch)(weights=None)
         self.pretrained = weights is not None
         if weights is not None:
-            path = Path(weights)
-            if not path.is_file(): raise DataNotFoundError(f'ObjectEmbedder: checkpoint {path} not found (rsrepro never downloads weights)')
-            sd = torch.load(path, map_location='cpu', weights_only=True)
-            sd = sd.get('state_dict', sd)
-            missing, unexpected = net.load_state_dict({k.removeprefix('module.').removeprefix('backbone.'): v for k, v in sd.items()}, strict=False)
-            if [k for k in missing if not k.startswith('fc.')]:
-                raise DataFormatError(f'{path}: not a torchvision {arch} checkpoint (missing {missing[:5]}...)')
+            rep = load_weights(net, weights, rename=lambda sd: {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in sd.items()},
+                               strict=False, what=f'ObjectEmbedder ({arch}; rsrepro never downloads weights)')
+            if [k for k in rep.missing if not k.startswith('fc.')]:
+                raise DataFormatError(f'{weights}: not a torchvision {arch} checkpoint (missing {rep.missing[:5]})')
         net.fc = torch.nn.Identity()
         self.net, self.size, self.enlarge = net.eval(), size, enlarge
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)); self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

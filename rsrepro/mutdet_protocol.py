@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/31_mutdet_protocol.ipynb #90e919e3
 from __future__ import annotations
-import json, time
+import json, os, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +19,7 @@ from .ars_detr import ARSDETR, ARSCriterion, AngleCoder, poly_to_rbox, rbox_to_p
 from .core import DataFormatError, DataNotFoundError, RsreproError, atomic_write
 from .detection_data import (DIOR_CLASSES, DIORR, DOTA, DOTA_CLASSES, FAIR1M, HRRSD, OHD_SJTU_L_CLASSES, OHD_SJTU_S_CLASSES,
                                     OHDSJTUL, OHDSJTUS)
-from .io import image_to_tensor, read_image
+from .io import image_to_tensor, load_weights, read_image, read_weights
 from .mutdet_baselines import AlignDet, UPDETR
 from .mutdet import (IMAGENET_MEAN, IMAGENET_STD, FileBoxes, MutDet, ObjectEmbedder, PseudoClasses, SAMBoxes,
                             SelectiveSearchBoxes, fit_pseudo_classes)
@@ -43,6 +43,10 @@ ASSUMPTIONS: dict[str, str] = {
     'object embeddings': 'rotated crops of the box enlarged 1.5x at 224 px through an ImageNet ResNet-50 to layer 4, '
                          'average-pooled (the official extractor). `smoke` has no ImageNet weights: the embedder is '
                          'randomly initialised and every record says so (`pretrained=False`)',
+    'weights': "`full` reads torchvision's ImageNet checkpoints (resnet50-0676ba61.pth, the `torchvision://resnet50` of "
+               "the configs; swin_t-704ceda3.pth, torchvision's Swin-T, standing in for the Swin repository's "
+               'swin_tiny_patch4_window7_224.pth of the official Swin config) and SAM ViT-H (sam_vit_h_4b8939.pth) from '
+               '`$RSREPRO_WEIGHTS` or `<data root>/checkpoints`; `smoke` starts every backbone from random weights',
     'pseudo-classes': 'PCA to 256-d, L2-normalised, k-means with 256 clusters, assignment by cosine to the normalised '
                       'centroids; fitted by `fit_pseudo_classes` (the official repository only applies a fitted one). '
                       '`smoke`: the detector width and 8 clusters',
@@ -172,7 +176,10 @@ class MutdetProfile(Profile):
     clusters: int = 256
     box_source: str = 'sam'                                # 'sam' | 'selective_search' | 'file'
     box_source_args: dict = field(default_factory=dict)
-    embedder_weights: str | None = None                    # ImageNet ResNet-50 checkpoint (None: random, labelled)
+    sam_checkpoint: str | None = 'sam_vit_h_4b8939.pth'    # SAM ViT-H, looked up in the weights folder (never downloaded)
+    imagenet: dict = field(default_factory=lambda: {'resnet50': 'resnet50-0676ba61.pth', 'swin_t': 'swin_t-704ceda3.pth'})
+    # ImageNet checkpoints (torchvision's file names) of the backbones and of the object embedder, in the weights folder;
+    # a backbone without one here starts from random weights and the records say so
     tile: tuple[int, int] = (800, 200)                     # DOTA tile size and gap
     input_size: int = 1024                                 # pre-training and DOTA input side
     dior_input: int = 800
@@ -206,7 +213,7 @@ PROFILES = register_profiles('mutdet', {
                            detector=dict(dim=64, num_heads=4, ffn=128, num_queries=100, num_dn=20, backbone='resnet18', dropout=0.0),
                            pretrain_layers={'dota': (1, 1), 'rsdet4': (1, 1)}, finetune_layers=(2, 2),
                            backbones={'resnet50': 'resnet18', 'swin_t': 'swin_micro'}, backbone_overrides={}, enhancement=dict(depth=1, enhancement_heads=4, mlp_dim=128),
-                           embed_dim=64, clusters=8, box_source='selective_search', box_source_args=dict(scale=100, min_size=20, max_boxes=30),
+                           embed_dim=64, clusters=8, box_source='selective_search', sam_checkpoint=None, imagenet={}, box_source_args=dict(scale=100, min_size=20, max_boxes=30),
                            tile=(256, 0), input_size=256, dior_input=256, ohd_tile=(256, 0), ohd_input=256, max_images=4,
                            smoke_epochs_per_step=12,
                            pretrain_cfg=TrainConfig(max_steps=6, batch_size=2, lr=5e-4, weight_decay=1e-5, clip_grad=1.0, warmup_steps=0, schedule='constant', log_every=1),
@@ -317,7 +324,7 @@ class FinetuneModel(torch.nn.Module):
 
 def load_pretrained(detector: ARSDETR, weights: str | Path) -> dict[str, int]:
     "Copy the pre-training's detector tensors whose name and shape match (mmcv `load_from`); counts of loaded and kept tensors."
-    sd = torch.load(weights, map_location='cpu', weights_only=True)['model']
+    sd, _ = read_weights(weights, 'load_pretrained')
     src = {k.removeprefix('detector.'): v for k, v in sd.items() if k.startswith('detector.')}
     if not src: raise DataFormatError(f'{weights}: no detector.* tensors (not a MutDet / DETReg pre-training)')
     own = detector.state_dict(); load = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
@@ -421,9 +428,12 @@ class MutdetExperiment(Experiment):
         "Pseudo-labelled pre-training tiles (boxes, embeddings, PCA + k-means classes), prepared once and kept."
         prof = self.profile; reader = self.pretrain_images(data)
         kind = prof.box_source
-        d = self.root/'pseudo'/f'{data}_{kind}_{"imagenet" if prof.embedder_weights else "random"}'
-        emb = ObjectEmbedder(prof.embedder_weights)
-        prepare_pseudo_labels(reader, box_source(kind, **prof.box_source_args), emb, d/'labels', progress=self.log)
+        weights = self.imagenet('resnet50')
+        d = self.root/'pseudo'/f'{data}_{kind}_{"imagenet" if weights else "random"}'
+        emb = ObjectEmbedder(weights)
+        args = dict(prof.box_source_args)
+        if kind == 'sam' and 'checkpoint' not in args: args['checkpoint'] = self.checkpoint(prof.sam_checkpoint, 'SAM ViT-H')
+        prepare_pseudo_labels(reader, box_source(kind, **args), emb, d/'labels', progress=self.log)
         pc_path = d/f'pseudo_classes_{prof.embed_dim}_{prof.clusters}.npz'
         if not pc_path.is_file():
             feats = [np.load(p)['features'] for p in sorted((d/'labels').glob('*.npz'))]
@@ -435,13 +445,39 @@ class MutdetExperiment(Experiment):
                 'tiles': len(reader), 'objects': n_obj, 'clusters': prof.clusters, 'dim': prof.embed_dim}
         return PseudoLabelled(reader, d/'labels', pc, self.side(data)), info
 
+    # ---- weights ----
+    def weights_dir(self) -> Path:
+        "Where checkpoints are looked up: `$RSREPRO_WEIGHTS`, else `<data root>/checkpoints` (`data_root` or `$RSREPRO_DATA`)."
+        env = os.environ.get('RSREPRO_WEIGHTS')
+        root = env or (Path(self.data_root or os.environ.get('RSREPRO_DATA', '.'))/'checkpoints')
+        return Path(root)
+
+    def checkpoint(self, filename: str, what: str) -> Path:
+        "A checkpoint file of the weights folder; a clear error naming where it looked (nothing is ever downloaded)."
+        p = self.weights_dir()/filename
+        if not p.is_file():
+            raise DataNotFoundError(f'mutdet {self.profile.name}: {what} checkpoint {p} not found; put {filename} there or point '
+                                    '$RSREPRO_WEIGHTS at the folder that holds it (rsrepro never downloads weights)')
+        return p
+
+    def imagenet(self, backbone: str) -> Path | None:
+        "The ImageNet checkpoint of `backbone` named by the profile (None: random initialisation)."
+        name = self.profile.imagenet.get(backbone)
+        return None if name is None else self.checkpoint(name, f'ImageNet {backbone}')
+
     # ---- runs ----
     def build_detector(self, num_classes: int, coder: str, layers: tuple[int, int], frozen_stages: int,
                        backbone: str = 'resnet50') -> ARSDETR:
+        "ARS-DETR as the profile sizes it, its backbone initialised from ImageNet when the profile names a checkpoint."
         p = self.profile
         kw = {**p.detector, 'backbone': p.backbones.get(backbone, backbone), **p.backbone_overrides.get(backbone, {})}
-        return ARSDETR(num_classes=num_classes, coder=CODERS[coder](), enc_layers=layers[0], dec_layers=layers[1],
-                       frozen_stages=frozen_stages, **kw)
+        det = ARSDETR(num_classes=num_classes, coder=CODERS[coder](), enc_layers=layers[0], dec_layers=layers[1],
+                      frozen_stages=frozen_stages, **kw)
+        path = self.imagenet(backbone)
+        if path is not None:
+            rep = load_weights(det.backbone, path, strict=False, what=f'ImageNet {backbone}')
+            if rep.missing: raise DataFormatError(f'{path}: not a torchvision {backbone} checkpoint (missing {rep.missing[:4]})')
+        return det
 
     def pretrain(self, setting: Pretrain) -> Path:
         "Weights of the pre-training `setting` (trained once, reused by every page)."

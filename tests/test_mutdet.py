@@ -231,3 +231,23 @@ def test_lr_groups_reach_the_model_fit_builds():
     assert any('sampling_offsets' in n for n in slow) and any(n.startswith('detector.backbone.') for n in slow)
     fast = [n for g in groups if g['lr_mult'] == 1.0 for n in g['names']]
     assert not any('sampling_offsets' in n for n in fast)
+
+
+def test_imagenet_checkpoints_are_loaded_from_the_weights_folder(tmp_path, monkeypatch):
+    "A profile that names ImageNet checkpoints initialises the detector backbone and the embedder from them; a missing one is named."
+    import dataclasses, torchvision
+    from rsrepro.mutdet import ObjectEmbedder
+    from rsrepro.mutdet_protocol import MutdetExperiment
+    torch.manual_seed(0)
+    r18 = torchvision.models.resnet18(weights=None)
+    torch.save(r18.state_dict(), tmp_path/'r18.pth')
+    monkeypatch.setenv('RSREPRO_WEIGHTS', str(tmp_path))
+    ex = MutdetExperiment('smoke', out_dir=tmp_path/'out', device='cpu')
+    ex.profile = dataclasses.replace(ex.profile, imagenet={'resnet50': 'r18.pth'})       # smoke stands resnet50 in with resnet18
+    det = ex.build_detector(3, 'ar_csl', (1, 1), 1)
+    assert torch.equal(dict(det.backbone.named_parameters())['layer3.0.conv1.weight'], r18.layer3[0].conv1.weight)
+    emb = ObjectEmbedder(tmp_path/'r18.pth', arch='resnet18')
+    assert emb.pretrained and torch.equal(emb.net.layer1[0].conv1.weight, r18.layer1[0].conv1.weight)
+    ex.profile = dataclasses.replace(ex.profile, imagenet={'resnet50': 'nothere.pth'})
+    with pytest.raises(DataNotFoundError, match='nothere.pth'): ex.build_detector(3, 'ar_csl', (1, 1), 1)
+    with pytest.raises(DataNotFoundError, match='sam_vit_h'): ex.checkpoint('sam_vit_h_4b8939.pth', 'SAM ViT-H')
