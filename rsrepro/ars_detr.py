@@ -368,6 +368,8 @@ class ARSDETR(torch.nn.Module):
                     p.requires_grad_(False)
             self.backbone = create_feature_extractor(r, {'features.3': 'c3', 'features.5': 'c4', 'features.7': 'c5'})
             e = r.features[0][0].out_channels; chans = [2 * e, 4 * e, 8 * e]
+            # the official Swin (mmdet's) normalises each output stage before the neck: its backbone.norm1..3
+            self.backbone_norms = torch.nn.ModuleDict({f'norm{i + 1}': torch.nn.LayerNorm(c) for i, c in enumerate(chans)})
         else:
             r = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
             for name, p in r.named_parameters():                   # frozen stem (+ the first `frozen_stages` stages)
@@ -396,12 +398,18 @@ class ARSDETR(torch.nn.Module):
         for r_ in self.reg_branches:               # zero last layers (two-stage: no -2 bias on w, h), as the official head
             torch.nn.init.zeros_(r_.layers[-1].weight); torch.nn.init.zeros_(r_.layers[-1].bias)
 
+    def backbone_parameters(self):
+        "The backbone's parameters (with a Swin's output norms): what a pre-training freezes."
+        yield from self.backbone.parameters()
+        if hasattr(self, 'backbone_norms'): yield from self.backbone_norms.parameters()
+
     def angle_of(self, out: torch.Tensor) -> torch.Tensor:
         return self.coder.decode(out) if self.coder.num_bins else out[..., 0]
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         f = self.backbone(images); c = [f['c3'], f['c4'], f['c5']]
-        if self.backbone_name.startswith('swin'): c = [x.permute(0, 3, 1, 2).contiguous() for x in c]     # NHWC -> NCHW
+        if self.backbone_name.startswith('swin'):                  # normalised, NHWC -> NCHW
+            c = [n(x).permute(0, 3, 1, 2).contiguous() for n, x in zip(self.backbone_norms.values(), c)]
         out = [m(x) for m, x in zip(self.neck[:3], c)]
         if len(self.neck) > 3: out.append(self.neck[3](c[-1]))
         return out

@@ -286,7 +286,7 @@ class MutDet(torch.nn.Module):
         super().__init__()
         if calibration not in self.CALIBRATIONS: raise ValueError(f'calibration={calibration!r}: expected one of {self.CALIBRATIONS}')
         self.detector = detector if detector is not None else ARSDETR(num_classes=num_classes, frozen_stages=4, **detector_kwargs)
-        for p in self.detector.backbone.parameters(): p.requires_grad_(False)       # the backbone stays frozen
+        for p in self.detector.backbone_parameters(): p.requires_grad_(False)       # the backbone stays frozen
         d = self.detector.dim
         self.contrastive, self.enhanced_embedding, self.enhanced_feature = contrastive, enhanced_embedding, enhanced_feature
         self.encoder_loss, self.calibration, self.temperature, self.align_weight = encoder_loss, calibration, temperature, align_weight

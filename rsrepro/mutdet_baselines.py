@@ -72,7 +72,7 @@ ASSUMPTIONS: dict[str, str] = {
 def frozen_backbone_detector(detector: ARSDETR | None, num_classes: int, detector_kwargs: dict) -> ARSDETR:
     "The given `ARSDETR` (or a new one from `num_classes` and `detector_kwargs`, all stages frozen) with its backbone frozen."
     det = detector if detector is not None else ARSDETR(num_classes=num_classes, frozen_stages=4, **detector_kwargs)
-    for p in det.backbone.parameters(): p.requires_grad_(False)
+    for p in det.backbone_parameters(): p.requires_grad_(False)
     return det
 
 @contextlib.contextmanager

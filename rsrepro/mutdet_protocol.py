@@ -357,7 +357,7 @@ def task1_frames(dets: Sequence[dict], ids: Sequence[str], scales: Sequence[tupl
 def _param_groups(model: torch.nn.Module, finetune: bool) -> list[dict]:
     "lr x 0.1 for the sampling offsets (and, in fine-tuning, the trainable backbone), as `paramwise_cfg`."
     # by name (exact names are their own prefixes): `fit` builds its own instance of the model, so parameter objects cannot be passed
-    slow = tuple(n for n, p in model.named_parameters() if p.requires_grad and ('sampling_offsets' in n or (finetune and '.backbone.' in f'.{n}')))
+    slow = tuple(n for n, p in model.named_parameters() if p.requires_grad and ('sampling_offsets' in n or (finetune and ('.backbone.' in f'.{n}' or '.backbone_norms.' in f'.{n}'))))
     return [{'prefix': slow, 'lr_mult': 0.1, 'name': 'x0.1'}] if slow else []
 
 class MutdetExperiment(Experiment):
