@@ -5,6 +5,7 @@
 # %% ../nbs/api/32_convert.ipynb #924bc7a4
 from __future__ import annotations
 import functools
+import math
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -17,8 +18,8 @@ from .core import DataNotFoundError, RsreproError, atomic_torch_save
 from .io import read_torch
 
 # %% auto #0
-__all__ = ['OURS', 'OFFICIAL', 'LAYOUTS', 'Rule', 'RULES', 'MUTDET_RULES', 'ConversionError', 'Layout', 'Rename', 'Fused',
-           'OneSided', 'split_checkpoint', 'detect_layout', 'active_rules', 'to_official', 'from_official',
+__all__ = ['OURS', 'OFFICIAL', 'LAYOUTS', 'Rule', 'RULES', 'MUTDET_RULES', 'SWIN_RULES', 'ConversionError', 'Layout', 'Rename',
+           'Fused', 'OneSided', 'split_checkpoint', 'detect_layout', 'active_rules', 'to_official', 'from_official',
            'official_keys', 'read_checkpoint', 'convert_checkpoint']
 
 # %% ../nbs/api/32_convert.ipynb #f10bb548
@@ -49,8 +50,9 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in [
     Layout('dn_ars_detr', "httle/ARS-DETR's DN-ARS-DETR (configs/ars_detr/dn_arw_arm_arcsl_rdetr_r50_dota.py): "
            'DNARSDeformableDETRHead + DNARSRotatedDeformableDetrTransformer, with the unused pos_trans, pos_trans_norm '
            'and decoder.angle_head', has=(r'bbox_head\.label_embedding\.', r'bbox_head\.transformer\.decoder\.angle_head\.')),
-    Layout('mutdet', "floatingstarZ/MutDet's fine-tuning model (configs/Step3_Finetuning/base_ars_detr.py): the same head "
-           'without pos_trans, pos_trans_norm and decoder.angle_head', has=(r'bbox_head\.label_embedding\.',),
+    Layout('mutdet', "floatingstarZ/MutDet's fine-tuning model (configs/Step3_Finetuning/base_ars_detr.py; "
+           'base_ars_detr_E2D2_swin.py with a Swin-Tiny backbone): the same head without pos_trans, pos_trans_norm and '
+           'decoder.angle_head', has=(r'bbox_head\.label_embedding\.',),
            lacks=(r'bbox_head\.transformer\.decoder\.angle_head\.', r'bbox_head\.transformer\.pos_trans',
                   r'bbox_head\.(feature_embed|transformer\.(feature_enhance|patch_enc_))')),
     Layout('mutdet_pretrain', "floatingstarZ/MutDet's pre-training model (configs/Step2_DetectionPretraining_Mutdet/"
@@ -172,11 +174,12 @@ def _levels_from_official(t: torch.Tensor) -> torch.Tensor:
     return t[:_LEVELS].clone()
 
 RULES: list[Rule] = [
-    # backbone: torchvision's names on both sides; mmdet's BatchNorm2d also counts batches
+    # backbone: torchvision's ResNet names on both sides (only those: any other backbone key is an error, unless a rule
+    # below, such as SWIN_RULES, claims it); mmdet's BatchNorm2d also counts batches
     OneSided(OFFICIAL, 'backbone.{m:.+}.num_batches_tracked', 'backbone.{m}.running_var',
              lambda t: t.new_zeros((), dtype=torch.long),
              note='a frozen (norm_eval) BatchNorm never reads num_batches_tracked; FrozenBatchNorm2d has none'),
-    Rename('backbone.{rest:.+}', 'backbone.{rest}'),
+    Rename(r'backbone.{rest:(conv1|bn1|layer\d+)\..+}', 'backbone.{rest}'),
     # neck: ChannelMapper's ConvModules (conv without bias, gn)
     Rename('neck.{i:[0-2]}.0.weight', 'neck.convs.{i}.conv.weight'),
     Rename('neck.{i:[0-2]}.1.' + _W, 'neck.convs.{i}.gn.{p}'),
@@ -244,6 +247,90 @@ MUTDET_RULES: list[Rule] = [
     Rename('feature_embed.layers.{j:0|1}.' + _W, 'bbox_head.feature_embed.layers.{j}.{p}', layouts=_MP),
 ]
 RULES += MUTDET_RULES
+
+# %% ../nbs/api/32_convert.ipynb #b2d8e4f0
+_B = 'backbone.'
+_SWIN_STAGES, _SWIN_OUT_INDICES = 4, (1, 2, 3)   # torchvision's features.{1,3,5,7} = mmdet's stages.{0..3}; MutDet's out_indices
+_MERGE = [0, 2, 1, 3]                            # official unfold offset k = 2·dh + dw <- torchvision block dh + 2·dw
+
+def _check_merge(t: torch.Tensor) -> int:
+    if t.shape[-1] % 4:
+        raise ConversionError(f'a patch-merging tensor of shape {tuple(t.shape)}: its last dim is not 4 · channels')
+    return t.shape[-1] // 4
+
+def _unfold_order(t: torch.Tensor) -> torch.Tensor:
+    "torchvision's patch-merging channels (last dim) -> mmdet's `nn.Unfold` order: `(dh + 2·dw)·C + c` -> `4·c + 2·dh + dw`."
+    c = _check_merge(t)
+    return t.reshape(*t.shape[:-1], 4, c)[..., _MERGE, :].transpose(-1, -2).reshape(t.shape)
+
+def _concat_order(t: torch.Tensor) -> torch.Tensor:
+    "mmdet's `nn.Unfold` patch-merging channels (last dim) -> torchvision's `cat([x0, x1, x2, x3])` order."
+    c = _check_merge(t)
+    return t.reshape(*t.shape[:-1], c, 4)[..., _MERGE].transpose(-1, -2).reshape(t.shape)
+
+def _swin_index(w: int) -> torch.Tensor:
+    "Swin's relative position index of a w x w window, `[w², w²]`: `(Δrow + w - 1)·(2w - 1) + Δcol + w - 1`."
+    r, c = (g.flatten() for g in torch.meshgrid(torch.arange(w), torch.arange(w), indexing='ij'))
+    return (r[:, None] - r[None, :] + w - 1) * (2 * w - 1) + (c[:, None] - c[None, :] + w - 1)
+
+def _root(n: int) -> int:
+    "The integer square root of `n`, or 0 when `n` is not a square."
+    r = math.isqrt(n)
+    return r if r * r == n else 0
+
+def _not_swin(t: torch.Tensor) -> ConversionError:
+    return ConversionError(f"a relative_position_index of shape {tuple(t.shape)} that is not Swin's index of a square window: "
+                           "another attention layout, which rsrepro's torchvision Swin does not compute")
+
+def _index_to_official(t: torch.Tensor) -> torch.Tensor:
+    "torchvision's flattened index `[N·N]` -> mmdet's `[N, N]` (N = w² tokens of a w x w window)."
+    w = _root(_root(t.numel()))                         # (official_keys passes meta tensors: shapes only)
+    if not w or t.dim() != 1 or (not t.is_meta and not torch.equal(t.cpu(), _swin_index(w).flatten().to(t.dtype))):
+        raise _not_swin(t)
+    return t.reshape(w * w, w * w)
+
+def _index_from_official(t: torch.Tensor) -> torch.Tensor:
+    "mmdet's `[N, N]` index -> torchvision's flattened one, after checking that it is Swin's index of the window."
+    w = _root(t.shape[0]) if t.dim() == 2 and t.shape[0] == t.shape[1] else 0
+    if not w or not torch.equal(t.cpu(), _swin_index(w).to(t.dtype)): raise _not_swin(t)
+    return t.flatten().clone()
+
+def _index_of_table(table: torch.Tensor) -> torch.Tensor:
+    "The flattened index that goes with a `[(2w - 1)², heads]` bias table (for checkpoints saved without the buffer)."
+    side = _root(table.shape[0])
+    if side % 2 == 0:
+        raise ConversionError(f'a relative_position_bias_table of {table.shape[0]} rows: not the (2w - 1)² of a square window')
+    return _swin_index((side + 1) // 2).flatten()
+
+_NO_INDEX = 'a Swin checkpoint saved without the relative_position_index buffer: made from the bias table\'s size'
+
+def _swin_rules() -> list[Rule]:
+    "torchvision's `swin_t` features (rsrepro's `ARSDETR(backbone='swin_t')`) against mmdet's `SwinTransformer`."
+    rules: list[Rule] = [Rename(_B + 'features.0.0.' + _W, _B + 'patch_embed.projection.{p}'),
+                         Rename(_B + 'features.0.2.' + _W, _B + 'patch_embed.norm.{p}')]
+    for s in range(_SWIN_STAGES):
+        ours, off = f'{_B}features.{2 * s + 1}.' + r'{j:\d+}.', f'{_B}stages.{s}.blocks.' + '{j}.'
+        rules += [Rename(ours + 'norm{n:1|2}.' + _W, off + 'norm{n}.{p}'),
+                  Rename(ours + 'attn.{m:qkv|proj}.' + _W, off + 'attn.w_msa.{m}.{p}'),
+                  Rename(ours + 'attn.relative_position_bias_table', off + 'attn.w_msa.relative_position_bias_table'),
+                  Rename(ours + 'attn.relative_position_index', off + 'attn.w_msa.relative_position_index',
+                         to_official=_index_to_official, from_official=_index_from_official),
+                  OneSided(OURS, ours + 'attn.relative_position_index', off + 'attn.w_msa.relative_position_bias_table',
+                           _index_of_table, note=_NO_INDEX),
+                  Rename(ours + 'mlp.0.' + _W, off + 'ffn.layers.0.0.{p}'),
+                  Rename(ours + 'mlp.3.' + _W, off + 'ffn.layers.1.{p}')]
+        if s < _SWIN_STAGES - 1:                      # the merging after stage s: torchvision's features.2s+2
+            ours, off = f'{_B}features.{2 * s + 2}.', f'{_B}stages.{s}.downsample.'
+            rules += [Rename(ours + 'norm.' + _W, off + 'norm.{p}', to_official=_unfold_order, from_official=_concat_order),
+                      Rename(ours + 'reduction.weight', off + 'reduction.weight', to_official=_unfold_order,
+                             from_official=_concat_order)]
+    out = '|'.join(map(str, _SWIN_OUT_INDICES))    # mmdet's norm{i} on each out index's output: rsrepro's backbone_norms
+    rules.append(Rename(f'backbone_norms.norm{{n:{out}}}.' + _W, _B + 'norm{n}.{p}'))
+    return rules
+
+SWIN_RULES: list[Rule] = _swin_rules()
+RULES += SWIN_RULES
+
 
 # %% ../nbs/api/32_convert.ipynb #1549daf3
 def split_checkpoint(obj: Any, weights_key: str = 'state_dict', extras: Sequence[str] | None = ('meta', 'optimizer'),

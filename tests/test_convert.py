@@ -467,3 +467,245 @@ def test_mutdet_checkpoint_files(small_mutdet, tmp_path):
     r = convert_checkpoint(tmp_path/'official.pth', tmp_path/'back.pth', 'from_official')
     assert r['layout'] == 'mutdet_pretrain'
     _same(torch.load(tmp_path/'back.pth', weights_only=True)['model'], small_mutdet.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MutDet's Swin-Tiny models (Table 8: configs/Step2_DetectionPretraining_Mutdet/base_ars_detr_E2D2_swin.py,
+# configs/Step3_Finetuning/base_ars_detr_E2D2_swin.py). Their SwinTransformerNew (AlignRotate/models/backbones/
+# swin_new.py) is not in the published repository; its config arguments are those of mmdet 2.x's SwinTransformer
+# (mmdet/models/backbones/swin.py, vendored there), whose keys, read from the code, are:
+# - patch_embed = PatchEmbed: projection (Conv2d(3, 96, 4, stride 4), with bias), norm (LN; patch_norm=True);
+# - stages.i = SwinBlockSequence(depth (2, 2, 6, 2)[i], 96·2^i channels, (3, 6, 12, 24)[i] heads): blocks.j = SwinBlock
+#   (norm1; attn = ShiftWindowMSA whose w_msa = WindowMSA: relative_position_bias_table [(2·7 - 1)², heads], the
+#   persistent buffer relative_position_index [49, 49], qkv (qkv_bias=True), proj; norm2; ffn = mmcv FFN: layers.0.0,
+#   layers.1) and, for i < 3, downsample = PatchMerging (an nn.Unfold sampler, no tensors; norm over 4C; reduction =
+#   Linear(4C, 2C, bias=False));
+# - norm{i} = LN(96·2^i) for i in out_indices = (1, 2, 3), after the stages; no absolute_pos_embed (use_abs_pos_embed=False).
+#   rsrepro's ARSDETR(backbone='swin_t') has the same output norms as backbone_norms.norm{1..3}.
+SWIN_BLOCK = ['{norm1|norm2}.' + W, 'attn.w_msa.{qkv|proj}.' + W, 'attn.w_msa.relative_position_bias_table',
+              'attn.w_msa.relative_position_index', 'ffn.layers.{0.0|1}.' + W]
+SWIN_T_BACKBONE = (['backbone.patch_embed.{projection|norm}.' + W]
+                   + [f'backbone.stages.{s}.blocks.{{0..{d - 1}}}.' + b for s, d in enumerate((2, 2, 6, 2)) for b in SWIN_BLOCK]
+                   + ['backbone.stages.{0..2}.downsample.norm.' + W, 'backbone.stages.{0..2}.downsample.reduction.weight',
+                      'backbone.norm{1..3}.' + W])
+SMALL_SWIN = dict(num_classes=3, dim=32, num_heads=2, enc_layers=1, dec_layers=1, ffn=64, num_queries=10)
+OUT_NORMS = {f'backbone_norms.norm{n}.{p}': f'backbone.norm{n}.{p}' for n in (1, 2, 3) for p in ('weight', 'bias')}
+
+
+@pytest.fixture(scope='module')
+def small_swin():
+    torch.manual_seed(0)
+    return ARSDETR(**SMALL_SWIN, backbone='swin_t').eval()
+
+
+def _with_random_out_norms(sd):
+    "`sd` with its Swin output norms randomised (a fresh LayerNorm's ones and zeros would hide a weight / bias mix-up)."
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(v.shape, generator=g) if k.removeprefix('detector.') in OUT_NORMS else v
+            for k, v in sd.items()}
+
+
+@pytest.mark.parametrize('layout', ['dn_ars_detr', 'mutdet'])
+def test_swin_round_trip_is_exact(small_swin, layout):
+    "No allow and no warning, both ways, the output norms included: every key, in order, every tensor and dtype."
+    sd = _with_random_out_norms(small_swin.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        off = to_official(sd, layout=layout)
+        assert detect_layout(off) == layout
+        back = from_official(off, reference=small_swin)
+    _same(back, sd)
+
+
+def test_swin_output_norms_map_one_to_one(small_swin, tmp_path):
+    "rsrepro's backbone_norms.norm{1..3} are the official backbone.norm{1..3}: the same tensors, both directions."
+    sd = _with_random_out_norms(small_swin.state_dict())
+    assert set(OUT_NORMS) <= set(sd)
+    off = to_official(sd, layout='mutdet')
+    for ours, theirs in OUT_NORMS.items():
+        assert off[theirs].dtype == sd[ours].dtype and torch.equal(off[theirs], sd[ours]), theirs
+    assert [off[f'backbone.norm{n}.weight'].shape[0] for n in (1, 2, 3)] == [192, 384, 768]
+    keys = list(off)                                      # mmdet's order: the stages, then norm1..3, then the neck
+    last_stage = max(i for i, k in enumerate(keys) if k.startswith('backbone.stages.'))
+    first_neck = min(i for i, k in enumerate(keys) if k.startswith('neck.'))
+    assert all(last_stage < keys.index(k) < first_neck for k in OUT_NORMS.values())
+    # from an official checkpoint whose norms differ from the model's: they arrive unchanged, the model loads them strictly
+    g = torch.Generator().manual_seed(2)
+    official = {k: torch.randn(v.shape, generator=g) if k in OUT_NORMS.values() else v for k, v in off.items()}
+    ours = from_official(official, reference=small_swin)
+    for o, t in OUT_NORMS.items(): assert torch.equal(ours[o], official[t]), o
+    twin = ARSDETR(**SMALL_SWIN, backbone='swin_t')
+    twin.load_state_dict(ours, strict=True)
+    for o, t in OUT_NORMS.items(): assert torch.equal(twin.state_dict()[o], official[t]), o
+    # an official Swin checkpoint without the output norms is not the model's: the reference check names the keys
+    with pytest.raises(ConversionError, match=r'missing: .*backbone_norms\.norm1\.weight') as e:
+        from_official({k: v for k, v in off.items() if k not in OUT_NORMS.values()}, reference=small_swin)
+    assert sorted(e.value.keys) == sorted(OUT_NORMS)
+    # and, through files, nothing made, dropped or allowed
+    torch.save({'model': sd}, tmp_path/'ours.pth')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        r = convert_checkpoint(tmp_path/'ours.pth', tmp_path/'off.pth', layout='mutdet')
+        assert r['made'] == [] and r['dropped'] == [] and r['allowed'] == [] and 'inexact' not in r
+        r = convert_checkpoint(tmp_path/'off.pth', tmp_path/'back.pth', 'from_official')
+        assert r['layout'] == 'mutdet' and r['made'] == [] and r['dropped'] == [] and r['allowed'] == []
+    _same(torch.load(tmp_path/'back.pth', weights_only=True)['model'], sd)
+
+
+def test_official_names_of_the_swin_t_models(small_swin):
+    off = to_official(small_swin.state_dict(), layout='mutdet')
+    backbone = {k for k in off if k.startswith('backbone.')}
+    official = set(expand(SWIN_T_BACKBONE))
+    assert backbone == official, (sorted(backbone - official)[:5], sorted(official - backbone)[:5])
+    torch.manual_seed(0)                                  # neck, transformer and heads: the ResNet model's names
+    r18 = to_official(ARSDETR(**SMALL_SWIN, backbone='resnet18').state_dict(), layout='mutdet')
+    assert set(off) - backbone == {k for k in r18 if not k.startswith('backbone.')}
+    assert official_keys(small_swin, 'mutdet') == {k: tuple(v.shape) for k, v in off.items()}
+    sh = lambda k: tuple(off[k].shape)
+    assert sh('backbone.patch_embed.projection.weight') == (96, 3, 4, 4) and sh('backbone.patch_embed.norm.weight') == (96,)
+    for s, (depth, heads) in enumerate(zip((2, 2, 6, 2), (3, 6, 12, 24))):
+        C, B = 96 * 2 ** s, f'backbone.stages.{s}.blocks.{depth - 1}.'
+        assert sh(B + 'attn.w_msa.qkv.weight') == (3 * C, C) and sh(B + 'attn.w_msa.proj.weight') == (C, C)
+        assert sh(B + 'attn.w_msa.relative_position_bias_table') == (169, heads)
+        assert sh(B + 'attn.w_msa.relative_position_index') == (49, 49)
+        assert sh(B + 'ffn.layers.0.0.weight') == (4 * C, C) and sh(B + 'ffn.layers.1.weight') == (C, 4 * C)
+        if s < 3:
+            D = f'backbone.stages.{s}.downsample.'
+            assert sh(D + 'norm.weight') == (4 * C,) and sh(D + 'reduction.weight') == (2 * C, 4 * C)
+        if s > 0: assert sh(f'backbone.norm{s}.weight') == (C,)
+    assert sh('neck.convs.0.conv.weight') == (32, 192, 1, 1) and sh('neck.extra_convs.0.conv.weight') == (32, 768, 3, 3)
+    assert set(_renamed(small_swin, 'mutdet')) == set(small_swin.state_dict())    # every rsrepro tensor has a name
+
+
+def test_swin_in_the_mutdet_pretraining_layout(small_swin):
+    "MutDet_swin_RSDet4.py: the Swin detector under detector.*, the backbone keys unprefixed on the official side."
+    mut = MutDet(detector=small_swin, depth=1, mlp_dim=128).eval()
+    sd = _with_random_out_norms(mut.state_dict())
+    assert {'detector.' + k for k in OUT_NORMS} <= set(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        pre = to_official(sd, layout='mutdet_pretrain')
+        assert detect_layout(pre) == 'mutdet_pretrain'
+        assert {k for k in pre if k.startswith('backbone.')} == set(expand(SWIN_T_BACKBONE))
+        for ours, theirs in OUT_NORMS.items(): assert torch.equal(pre[theirs], sd['detector.' + ours]), theirs
+        _same(from_official(pre, reference=mut), sd)
+
+
+def _official_patch_merging(x, hw, sd, pre):
+    "mmdet/models/utils/transformer.py's PatchMerging.forward (kernel_size 2, stride 2, padding 'corner'), official tensors."
+    B, L, C = x.shape
+    H, W = hw
+    x = x.view(B, H, W, C).permute([0, 3, 1, 2])
+    pad_h = max((math.ceil(H / 2) - 1) * 2 + (2 - 1) * 1 + 1 - H, 0)   # AdaptivePadding.get_pad_shape
+    pad_w = max((math.ceil(W / 2) - 1) * 2 + (2 - 1) * 1 + 1 - W, 0)
+    x = F.pad(x, [0, pad_w, 0, pad_h])
+    H, W = x.shape[-2:]
+    x = torch.nn.Unfold(kernel_size=2, dilation=1, padding=0, stride=2)(x)
+    out_hw = ((H - 1 * (2 - 1) - 1) // 2 + 1, (W - 1 * (2 - 1) - 1) // 2 + 1)
+    x = x.transpose(1, 2)
+    x = F.layer_norm(x, (4 * C,), sd[pre + 'norm.weight'], sd[pre + 'norm.bias'])
+    return F.linear(x, sd[pre + 'reduction.weight']), out_hw
+
+
+def test_swin_patch_merging_matches_the_official_unfold_layer():
+    "torchvision's cat(x0, x1, x2, x3) against mmdet's nn.Unfold order: equal outputs after conversion, odd sizes too."
+    from torchvision.models.swin_transformer import PatchMerging
+    torch.manual_seed(0)
+    C = 12
+    tv = PatchMerging(C).eval()
+    with torch.no_grad(): tv.norm.weight.normal_(); tv.norm.bias.normal_()       # so that the norm's order shows
+    ours = {f'backbone.features.4.{k}': v for k, v in tv.state_dict().items()}
+    off = to_official(ours, layout='mutdet')
+    pre = 'backbone.stages.1.downsample.'
+    assert set(off) == {pre + 'norm.weight', pre + 'norm.bias', pre + 'reduction.weight'}
+    plain = {pre + k[len('backbone.features.4.'):]: v for k, v in ours.items()}  # the names alone, no reordering
+    for H, W in ((8, 10), (7, 9), (6, 5)):
+        x = torch.randn(2, H, W, C)
+        with torch.no_grad():
+            a = tv(x)                                                            # [B, H/2, W/2, 2C]
+            b, (h, w) = _official_patch_merging(x.reshape(2, H * W, C), (H, W), off, pre)
+            c, _ = _official_patch_merging(x.reshape(2, H * W, C), (H, W), plain, pre)
+        assert a.shape == (2, h, w, 2 * C)
+        torch.testing.assert_close(a.reshape(2, h * w, 2 * C), b, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(a.reshape(2, h * w, 2 * C), c, atol=1e-2)
+    # mmdet's swin_converter (mmdet/models/utils/ckpt_convert.py) does the same to the original Swin's (= torchvision's) order
+    def correct_unfold_reduction_order(x):
+        out_channel, in_channel = x.shape
+        x = x.reshape(out_channel, 4, in_channel // 4)
+        return x[:, [0, 2, 1, 3], :].transpose(1, 2).reshape(out_channel, in_channel)
+
+    def correct_unfold_norm_order(x):
+        in_channel = x.shape[0]
+        x = x.reshape(4, in_channel // 4)
+        return x[[0, 2, 1, 3], :].transpose(0, 1).reshape(in_channel)
+    assert torch.equal(off[pre + 'reduction.weight'], correct_unfold_reduction_order(tv.reduction.weight))
+    for p in ('weight', 'bias'): assert torch.equal(off[pre + 'norm.' + p], correct_unfold_norm_order(getattr(tv.norm, p)))
+    _same(from_official(off, layout='mutdet'), ours)
+
+
+def _mmdet_relative_position_index(Wh, Ww):
+    "WindowMSA.__init__'s buffer (mmdet/models/backbones/swin.py: double_step_seq, then flip)."
+    def double_step_seq(step1, len1, step2, len2):
+        seq1 = torch.arange(0, step1 * len1, step1)
+        seq2 = torch.arange(0, step2 * len2, step2)
+        return (seq1[:, None] + seq2[None, :]).reshape(1, -1)
+    rel_index_coords = double_step_seq(2 * Ww - 1, Wh, 1, Ww)
+    return (rel_index_coords + rel_index_coords.T).flip(1).contiguous()
+
+
+def _official_window_msa(x, sd, pre, heads, window=(7, 7)):
+    "WindowMSA.forward without a mask (a non-shifted window), on the official tensors."
+    B, N, C = x.shape
+    qkv = F.linear(x, sd[pre + 'qkv.weight'], sd[pre + 'qkv.bias']).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1)
+    bias = sd[pre + 'relative_position_bias_table'][sd[pre + 'relative_position_index'].view(-1)].view(
+        window[0] * window[1], window[0] * window[1], -1)
+    attn = torch.softmax(attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0), dim=-1)
+    return F.linear((attn @ v).transpose(1, 2).reshape(B, N, C), sd[pre + 'proj.weight'], sd[pre + 'proj.bias'])
+
+
+def test_swin_window_attention_and_its_index():
+    "torchvision's window attention = mmdet's WindowMSA on the converted tensors; the index is mmdet's, made if absent."
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+    torch.manual_seed(0)
+    C, heads = 24, 3
+    tv = ShiftedWindowAttention(C, [7, 7], [0, 0], heads).eval()
+    with torch.no_grad(): tv.relative_position_bias_table.normal_()
+    ours = {f'backbone.features.3.1.attn.{k}': v for k, v in tv.state_dict().items()}
+    off = to_official(ours, layout='mutdet')
+    pre = 'backbone.stages.1.blocks.1.attn.w_msa.'
+    assert set(off) == {pre + k for k in ('qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias',
+                                          'relative_position_bias_table', 'relative_position_index')}
+    assert torch.equal(off[pre + 'relative_position_index'], _mmdet_relative_position_index(7, 7))
+    x = torch.randn(2, 7, 7, C)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x).reshape(2, 49, C), _official_window_msa(x.reshape(2, 49, C), off, pre, heads),
+                                   rtol=1e-5, atol=1e-5)
+    _same(from_official(off, layout='mutdet'), ours)
+    # a checkpoint saved without the buffer: made from the bias table's size
+    _same(from_official({k: v for k, v in off.items() if not k.endswith('index')}, layout='mutdet'), ours)
+    with pytest.raises(ConversionError, match="not Swin's index"):
+        from_official({**off, pre + 'relative_position_index': off[pre + 'relative_position_index'].T}, layout='mutdet')
+
+
+def test_swin_unknown_keys_and_files(small_swin, tmp_path):
+    "Swin keys no rule knows are errors (the ResNet rule takes conv1, bn1, layer1..4 only); checkpoint files report."
+    off = to_official(small_swin.state_dict(), layout='mutdet')
+    for k in ('backbone.absolute_pos_embed', 'backbone.norm0.weight', 'backbone.norm4.weight',
+              'backbone.stages.0.blocks.0.attn.w_msa.logit_scale'):
+        with pytest.raises(ConversionError, match=re.escape(k)): from_official({**off, k: torch.zeros(1)})
+    for k in ('backbone.features.1.0.attn.cpb_mlp.0.weight', 'backbone_norms.norm0.weight'):
+        with pytest.raises(ConversionError, match=re.escape(k)): to_official({**small_swin.state_dict(), k: torch.zeros(1)})
+    # a file round trip of a partial Swin state dict (the output norms and one merging layer): what is reported
+    part = {f'backbone_norms.norm{n}.{p}': torch.randn(c) for n, c in ((1, 192), (2, 384), (3, 768)) for p in ('weight', 'bias')}
+    part.update({'backbone.features.2.norm.weight': torch.randn(384), 'backbone.features.2.reduction.weight': torch.randn(192, 384)})
+    torch.save({'model': part}, tmp_path/'ours.pth')
+    r = convert_checkpoint(tmp_path/'ours.pth', tmp_path/'off.pth', layout='mutdet')
+    assert r['made'] == [] and r['dropped'] == [] and r['allowed'] == [] and r['tensors'] == len(part)
+    off = torch.load(tmp_path/'off.pth', weights_only=True)['state_dict']
+    assert set(off) == set(OUT_NORMS.values()) | {'backbone.stages.0.downsample.norm.weight',
+                                                  'backbone.stages.0.downsample.reduction.weight'}
+    r = convert_checkpoint(tmp_path/'off.pth', tmp_path/'back.pth', 'from_official', layout='mutdet')
+    assert r['made'] == [] and r['dropped'] == [] and r['allowed'] == []
+    _same(torch.load(tmp_path/'back.pth', weights_only=True)['model'], part)
