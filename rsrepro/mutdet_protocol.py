@@ -364,9 +364,18 @@ class MutdetExperiment(Experiment):
     "MutDet's runs: tiles, pseudo-labels, pre-trainings, fine-tunings and their DOTA-style scores (cached, resumable)."
     paper = 'mutdet'
 
+    def _memo(self, key: tuple, make):
+        "Readers, tiles and pseudo-labels are built once per experiment (every page asks for them many times)."
+        memo = self.__dict__.setdefault('_built', {})
+        if key not in memo: memo[key] = make()
+        return memo[key]
+
     # ---- data ----
     def source(self, data: str, split: str) -> Dataset:
         "The untiled images of `data` for `split` ('train' or 'test'): the official split in `full`, the samples / stand-ins in `smoke`."
+        return self._memo(('source', data, split), lambda: self._source(data, split))
+
+    def _source(self, data: str, split: str) -> Dataset:
         full, train = self.profile.require_full_data, split == 'train'
         if data == 'dota':
             return self.use('DOTA-v1.0', DOTA(split=('train' if train else 'val') if full else 'all', data_root=self.data_root))
@@ -380,6 +389,9 @@ class MutdetExperiment(Experiment):
 
     def reader(self, data: str, split: str) -> Dataset:
         "The images of `data` for `split` as the profile sizes them: DOTA and OHD-SJTU tiled (DOTA_devkit's rule, written once), DIOR-R whole."
+        return self._memo(('reader', data, split), lambda: self._reader(data, split))
+
+    def _reader(self, data: str, split: str) -> Dataset:
         base = self.source(data, split)
         if not DATA[data]['tiled']: return self._cap(base)
         size, gap = self.profile.tile if data == 'dota' else self.profile.ohd_tile
@@ -406,6 +418,9 @@ class MutdetExperiment(Experiment):
 
     def pretrain_images(self, data: str) -> Dataset:
         "The pre-training images: DOTA-v1.0 train tiles, or RSDet4 (DOTA-v1.0 train, DIOR-R trainval, FAIR1M-2.0 train, HRRSD trainval)."
+        return self._memo(('pretrain_images', data), lambda: self._pretrain_images(data))
+
+    def _pretrain_images(self, data: str) -> Dataset:
         if data == 'dota': return self.reader('dota', 'train')
         if data != 'rsdet4': raise ValueError(f'pretrain_images: data={data!r}; one of {PRETRAIN_DATA}')
         full = self.profile.require_full_data
@@ -426,6 +441,9 @@ class MutdetExperiment(Experiment):
 
     def pseudo_labels(self, data: str = 'dota') -> tuple[Dataset, dict]:
         "Pseudo-labelled pre-training tiles (boxes, embeddings, PCA + k-means classes), prepared once and kept."
+        return self._memo(('pseudo_labels', data), lambda: self._pseudo_labels(data))
+
+    def _pseudo_labels(self, data: str = 'dota') -> tuple[Dataset, dict]:
         prof = self.profile; reader = self.pretrain_images(data)
         kind = prof.box_source
         weights = self.imagenet('resnet50')
