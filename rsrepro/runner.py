@@ -4,15 +4,15 @@
 
 # %% ../nbs/api/09_runner.ipynb #80fbffd7
 from __future__ import annotations
-import hashlib, json, os, sys, time, traceback
+import contextlib, filecmp, hashlib, json, os, shutil, sys, time, traceback
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
 from .core import RsreproError, atomic_write, code_version, get_device, git_commit, repo_root, utc_now
 
 # %% auto #0
-__all__ = ['PAPERS', 'NOT_REPRODUCED', 'nbs_root', 'find_notebooks', 'NotebookRun', 'write_summary', 'load_summary',
-           'run_notebook', 'reproduce', 'status_table']
+__all__ = ['PAPERS', 'NOT_REPRODUCED', 'STAGING', 'nbs_root', 'find_notebooks', 'NotebookRun', 'write_summary', 'load_summary',
+           'stage_page', 'recover_staging', 'run_notebook', 'reproduce', 'status_table']
 
 # %% ../nbs/api/09_runner.ipynb #b8d44447
 PAPERS = ('imim', 'incomplete', 'crossscale', 'mutdet')
@@ -100,29 +100,114 @@ def load_summary(out: str | Path) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 # %% ../nbs/api/09_runner.ipynb #80553265
+STAGING = '.staging'          # <out>/.staging/<page>: what a running page writes, until it ends
+_NOT_STAGED = {'notebooks', STAGING, 'summary.json', 'summary.md'}
+_COPIED = ('records', 'figures')   # page outputs: copied into the staging folder, committed when the page passes
+
+def _slug(rel: Path) -> str: return '__'.join(Path(rel).with_suffix('').parts)
+
+def stage_page(out: Path, stage: Path) -> Path:
+    "A fresh staging folder `stage` for one page; returns its `out_dir`: copies of `out`'s records, figures and top-level files, links to its other folders."
+    out = Path(out).resolve()
+    if stage.exists(): shutil.rmtree(stage)
+    page_out = stage/'out'
+    page_out.mkdir(parents=True)
+    (out/'runs').mkdir(parents=True, exist_ok=True)   # shared from the first page on: training runs survive a kill
+    for e in sorted(out.iterdir()):
+        if e.name in _NOT_STAGED: continue
+        if e.name in _COPIED and e.is_dir() and not e.is_symlink(): shutil.copytree(e, page_out/e.name, symlinks=True)
+        elif e.is_dir(): (page_out/e.name).symlink_to(e, target_is_directory=True)
+        elif e.is_file(): shutil.copy2(e, page_out/e.name)
+    return page_out
+
+def _page_changes(page_out: Path, out: Path) -> list[str]:
+    "Files (relative paths) the page created or changed in its staging `out_dir`, not counting the linked folders."
+    changed = []
+    for d, dirs, files in os.walk(page_out):   # os.walk does not descend into the links to `out`'s folders
+        d = Path(d)
+        dirs[:] = sorted(n for n in dirs if not (d/n).is_symlink())
+        for n in sorted(files):
+            f = d/n
+            if f.is_symlink() or (n.startswith('.') and n.endswith('.tmp')): continue
+            rel = f.relative_to(page_out)
+            if not (out/rel).is_file() or not filecmp.cmp(f, out/rel, shallow=False): changed.append(rel.as_posix())
+    return changed
+
+def _commit(stage: Path, out: Path) -> list[str]:
+    "Carry out the moves listed in `stage/COMMIT` that are not done yet (each an atomic rename), then remove `stage`."
+    plan = json.loads((stage/'COMMIT').read_text())
+    for src, dst in plan['moves']:
+        s, d = stage/src, Path(out)/dst
+        if s.is_file():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(s, d)
+    shutil.rmtree(stage, ignore_errors=True)
+    return [d for _, d in plan['moves']]
+
+def recover_staging(out: str | Path) -> list[str]:
+    "Finish the commit of a page that was killed while its outputs were being moved, discard the staging folders of pages killed while running; one message each."
+    out = Path(out); msgs = []
+    root = out/STAGING
+    for st in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if (st/'COMMIT').is_file():
+            page = json.loads((st/'COMMIT').read_text()).get('notebook', st.name)
+            _commit(st, out)
+            msgs.append(f'committed the outputs of {page}, whose run was interrupted while they were being moved')
+        else:
+            shutil.rmtree(st, ignore_errors=True)
+            msgs.append(f'discarded the partial outputs of {st.name.replace("__", "/")}, whose run was interrupted')
+    for p in (out/'notebooks').rglob('.running.*') if (out/'notebooks').is_dir() else []:
+        p.unlink(missing_ok=True)    # a partial executed notebook of an older runner
+    return msgs
+
+@contextlib.contextmanager
+def _out_lock(out: Path):
+    "Hold an exclusive lock on `out` for one `reproduce` (released by the system if the process is killed)."
+    try: import fcntl
+    except ImportError: yield; return         # no POSIX locks (Windows): no guard
+    (out/STAGING).mkdir(parents=True, exist_ok=True)
+    with open(out/STAGING/'LOCK', 'a') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RsreproError(f'another rsrepro reproduce is running with the results folder {out}; wait for it, '
+                               'or use another --out') from None
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/api/09_runner.ipynb #7601b04d
 def run_notebook(nb: Path, out: Path, params: dict, nbs: Path, timeout: int | None = None) -> NotebookRun:
     "Execute one notebook with papermill; never raises for a failure inside the notebook."
     import papermill as pm
+    out = Path(out).resolve()
     rel = nb.relative_to(nbs)
     dest = out/'notebooks'/rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f'.running.{dest.name}')
+    stage = out/STAGING/_slug(rel)
+    page_out = stage_page(out, stage)
+    tmp = stage/'executed.ipynb'
     t0 = time.time()
     r = NotebookRun(notebook=str(rel), status='ok', output=str(dest), source_sha1=_sha1(nb), parameters=params,
                     library=code_version())
     os.environ['RSREPRO_REPRODUCE'] = '1'
     try:
-        pm.execute_notebook(str(nb), str(tmp), parameters=params, kernel_name='python3', cwd=str(nbs.parent),
+        pm.execute_notebook(str(nb), str(tmp), parameters=dict(params, out_dir=str(page_out)), kernel_name='python3',
+                            cwd=str(nbs.parent),
                             progress_bar=False, log_output=False, execution_timeout=timeout,
                             extra_arguments=['--IPKernelApp.log_level=CRITICAL'])  # no kernel chatter on stderr
     except Exception as e:  # papermill's execution error, or a kernel that died
         r.status = 'failed'
         r.error = (f'{getattr(e, "ename", type(e).__name__)}: {getattr(e, "evalue", str(e))}').strip()[:500]
     r.seconds = round(time.time() - t0, 2)
+    moves = []
     if tmp.exists():
         if r.status == 'failed': r.failed_cell, _ = _failing_cell(tmp)
-        os.replace(tmp, dest)
+        text = tmp.read_text(encoding='utf-8')
+        with atomic_write(tmp) as f:      # reads as <out>, not as the staging folder
+            f.write(text.replace(str(tmp), str(dest)).replace(str(page_out), str(out)))
+        moves.append((tmp.name, f'notebooks/{rel.as_posix()}'))
+    if r.status == 'ok': moves += [(f'out/{c}', c) for c in _page_changes(page_out, out)]
     r.finished = utc_now()
+    with atomic_write(stage/'COMMIT') as f: json.dump({'notebook': str(rel), 'status': r.status, 'moves': moves}, f, indent=1)
+    _commit(stage, out)
     return r
 
 def reproduce(profile: str = 'smoke', paper: str | None = None, only: list[str] | None = None,
@@ -130,13 +215,18 @@ def reproduce(profile: str = 'smoke', paper: str | None = None, only: list[str] 
               force: bool = False, timeout: int | None = None, root: str | Path | None = None,
               progress: bool = True, resume: bool | None = None) -> dict:
     "Run the selected notebooks, keeping any whose notebook, parameters and library are unchanged since its last successful run (`force`: rerun all); returns the summary dict (see `write_summary`)."
-    from tqdm.auto import tqdm
     if profile not in ('smoke', 'full'): raise RsreproError(f"profile must be 'smoke' or 'full', got {profile!r}")
     device = str(get_device(device or 'auto'))     # one device decision: CUDA asked for where there is none fails here
     nbs = nbs_root(root)
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     notebooks = find_notebooks(nbs.parent, paper, only)
     if not notebooks: raise RsreproError(f'no notebooks selected under {nbs}/papers (paper={paper}, only={only})')
+    with _out_lock(out):
+        for msg in recover_staging(out): print(msg)
+        return _reproduce(notebooks, nbs, out, profile, device, data_root, seed, force, timeout, progress)
+
+def _reproduce(notebooks, nbs, out, profile, device, data_root, seed, force, timeout, progress) -> dict:
+    from tqdm.auto import tqdm
     params = dict(profile=profile, data_root=str(Path(data_root).resolve()) if data_root else None,
                   device=device, seed=int(seed), out_dir=str(out))
     meta = dict(profile=profile, device=device, seed=int(seed), data_root=params['data_root'],

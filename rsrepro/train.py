@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/07_train.ipynb #454d065d
 from __future__ import annotations
-import contextlib, csv, io, json, math, os, random, sys, time, warnings
+import contextlib, csv, io, json, math, os, random, shutil, sys, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .core import (RsreproError, DataFormatError, DataNotFoundError, atomic_torch_save, atomic_write,
-                          get_device, seed_everything)
+                          get_device, seed_everything, utc_now)
 from .io import load_weights, read_torch
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'AMP_MODES', 'CKPT_FORMAT', 'CKPT_NAME', 'TrainConfig', 'momentum_schedule', 'lr_factor',
-           'build_param_groups', 'ResumableSampler', 'rng_state', 'set_rng_state', 'load_checkpoint', 'write_metrics',
+__all__ = ['SCHEDULES', 'AMP_MODES', 'CKPT_FORMAT', 'CKPT_NAME', 'CKPT_PREV_NAME', 'TRAIN_LOG', 'TrainConfig',
+           'momentum_schedule', 'lr_factor', 'build_param_groups', 'ResumableSampler', 'rng_state', 'set_rng_state',
+           'load_checkpoint', 'prev_checkpoint', 'save_checkpoint', 'warn_run', 'resume_checkpoint', 'write_metrics',
            'dist_info', 'to_device', 'amp_dtype', 'fit']
 
 # %% ../nbs/api/07_train.ipynb #46c845c4
@@ -148,6 +149,8 @@ class ResumableSampler(DistributedSampler):
 # %% ../nbs/api/07_train.ipynb #a277fd38
 CKPT_FORMAT = 'rsrepro.train/1'
 CKPT_NAME = 'checkpoint.pt'
+CKPT_PREV_NAME = 'checkpoint.prev.pt'
+TRAIN_LOG = 'train.log'          # the run's log: warnings about its checkpoints, one line each
 
 def rng_state() -> dict:
     "RNG states of Python, NumPy, torch CPU and all CUDA devices, as tensors and plain values."
@@ -174,6 +177,54 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         got = ck.get('format') if isinstance(ck, dict) else type(ck).__name__
         raise DataFormatError(f'{path} is not an rsrepro.train checkpoint (format {got!r}, expected {CKPT_FORMAT!r})')
     return ck
+
+def prev_checkpoint(path: str | os.PathLike) -> Path:
+    "The previous checkpoint kept beside `path` (`checkpoint.pt` -> `checkpoint.prev.pt`)."
+    p = Path(path)
+    return p.with_name(f'{p.stem}.prev{p.suffix}')
+
+def save_checkpoint(obj: dict, path: str | os.PathLike, rotate: bool = True) -> Path:
+    "Write `obj` to `path` atomically; with `rotate`, first keep the current `path` as `prev_checkpoint(path)` (both names always hold complete files)."
+    path = Path(path)
+    if rotate and path.is_file():
+        prev = prev_checkpoint(path)
+        tmp = prev.with_name(f'.{prev.name}.{os.getpid()}.tmp')
+        tmp.unlink(missing_ok=True)
+        try: os.link(path, tmp)                    # no copy: the new checkpoint replaces `path`'s name, not its bytes
+        except OSError:                            # a file system without hard links
+            shutil.copyfile(path, tmp)
+            with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        os.replace(tmp, prev)
+    return atomic_torch_save(obj, path)
+
+def warn_run(msg: str, out_dir: str | os.PathLike | None = None, warn: bool = True) -> None:
+    "`warnings.warn(msg)` (unless `warn=False`: warned already), and the same line (time-stamped) appended to the run's `out_dir/train.log`."
+    if warn: warnings.warn(msg, stacklevel=2)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError), open(Path(out_dir)/TRAIN_LOG, 'a', encoding='utf-8') as f:
+            f.write(f'{utc_now()} WARNING {msg}\n')
+
+def resume_checkpoint(out_dir: str | os.PathLike, report: bool = True) -> tuple[Path | None, dict | None]:
+    "The checkpoint a run in `out_dir` resumes from, and its content: the latest, else (with a warning) the previous one; `(None, None)` when there is none."
+    latest = Path(out_dir)/CKPT_NAME
+    prev, bad = prev_checkpoint(latest), None
+    if latest.is_file():
+        try: return latest, load_checkpoint(latest)
+        except DataFormatError as e: bad = e
+    if not prev.is_file():
+        if bad is not None: raise bad
+        return None, None
+    why = str(bad) if bad is not None else f'{latest} does not exist'
+    try: ck = load_checkpoint(prev)
+    except DataFormatError as e:
+        raise DataFormatError(f'cannot resume the run in {latest.parent}: neither of its checkpoints can be read. '
+                              f'Latest {latest}: {why}. Previous {prev}: {e}. Delete both to start over, or pass '
+                              f'resume=False') from e
+    if report:
+        warn_run(f'the latest checkpoint {latest} is unusable ({why}); resuming from the previous checkpoint {prev} '
+                 f'(step {ck.get("step")})', latest.parent)
+    return prev, ck
 
 # %% ../nbs/api/07_train.ipynb #bbf3eb7c
 def write_metrics(rows: list[dict], out_dir: str | os.PathLike) -> None:
@@ -243,6 +294,8 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
     main = rank == 0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_path = out_dir/CKPT_NAME if out_dir else None
+    # a reader that dropped samples (on_missing='skip') warned when it was built; the run's log says so too
+    if main and out_dir and getattr(dataset, 'drop_message', None): warn_run(dataset.drop_message, out_dir, warn=False)
 
     # -- data ----------------------------------------------------------------------------------------
     sampler = ResumableSampler(dataset, world, rank, shuffle=cfg.shuffle, seed=cfg.seed)
@@ -273,12 +326,24 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
     params = [p for g in groups for p in g['params']]
 
     # -- resume --------------------------------------------------------------------------------------
-    step, history, resumed_from = 0, [], None
-    src = Path(resume) if isinstance(resume, (str, os.PathLike)) else (ckpt_path if resume is True else None)
-    if isinstance(resume, (str, os.PathLike)) and not src.is_file():
-        raise DataNotFoundError(f'resume={str(resume)!r}: no such checkpoint file')
-    if src is not None and src.is_file():
+    step, history, resumed_from, window0 = 0, [], None, None
+    src = ck = None
+    if isinstance(resume, (str, os.PathLike)):
+        src = Path(resume)
+        if not src.is_file(): raise DataNotFoundError(f'resume={str(resume)!r}: no such checkpoint file')
         ck = load_checkpoint(src)
+    elif resume is True and out_dir is not None:
+        src, ck = resume_checkpoint(out_dir, report=main)
+    # checkpoint rotation: a latest file this run read is good and becomes the previous one at the next save; when the
+    # previous one was read (the latest is bad) the next save overwrites the latest and keeps it; a run that did not
+    # start from its own files drops a stale previous checkpoint at its first save
+    same = lambda a, b: a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+    ck_files = {'rotate': same(src, ckpt_path),
+                'fresh': not (same(src, ckpt_path) or (ckpt_path is not None and same(src, prev_checkpoint(ckpt_path))))}
+    if main and out_dir is not None and out_dir.is_dir():   # temporary files of a writer that was killed
+        for pat in (f'.{CKPT_NAME}.*.tmp', f'.{CKPT_PREV_NAME}.*.tmp', '.metrics.jsonl.*.tmp', '.metrics.csv.*.tmp'):
+            for p in out_dir.glob(pat): p.unlink(missing_ok=True)
+    if ck is not None:
         old = ck.get('config', {})
         diff = [f'{k}: {old.get(k)!r} in checkpoint vs {getattr(cfg, k)!r} now' for k in _RESUME_KEYS
                 if old.get(k) != getattr(cfg, k)]
@@ -295,29 +360,36 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
                                f'were param_groups or no_decay changed?') from e
         if scaler is not None and ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
         step, history, resumed_from = int(ck['step']), list(ck.get('history', [])), int(ck['step'])
-        rngs = ck['rng']
+        rngs, wins = ck['rng'], ck.get('window') or []
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        window0 = wins[rank] if rank < len(wins) else None
     if world > 1:  # every rank must start from the same step (a checkpoint not on a shared disk would diverge)
         starts = [None] * world; dist.all_gather_object(starts, step)
         if len(set(starts)) > 1:
             raise RsreproError(f'ranks would start from different steps {starts}: is {ckpt_path} on a disk all ranks share?')
 
     def checkpoint():
-        rngs = [None] * world
-        if world > 1: dist.all_gather_object(rngs, rng_state())
-        else: rngs = [rng_state()]
+        mine = (rng_state(), {'sums': {k: v.detach().cpu() for k, v in sums.items()}, 'steps': win_steps})
+        got = [None] * world
+        if world > 1: dist.all_gather_object(got, mine)
+        else: got = [mine]
+        rngs, windows = [g[0] for g in got], [g[1] for g in got]
         if main and ckpt_path is not None:
             epoch = step // steps_per_epoch
-            atomic_torch_save({'format': CKPT_FORMAT, 'step': step, 'epoch': epoch,
+            if ck_files['fresh']: prev_checkpoint(ckpt_path).unlink(missing_ok=True)
+            save_checkpoint({'format': CKPT_FORMAT, 'step': step, 'epoch': epoch,
                                'batches_in_epoch': (step - epoch * steps_per_epoch) * cfg.grad_accum,
                                'steps_per_epoch': steps_per_epoch, 'total_steps': total, 'world_size': world,
                                'model': model.state_dict(), 'optimizer': opt.state_dict(),
                                'scheduler': sched.state_dict(),
                                'scaler': scaler.state_dict() if scaler is not None else None,
-                               'rng': rngs, 'sampler': {'seed': cfg.seed, 'epoch': epoch, 'shuffle': cfg.shuffle,
+                               'rng': rngs, 'window': windows,
+                               'sampler': {'seed': cfg.seed, 'epoch': epoch, 'shuffle': cfg.shuffle,
                                                         'start': (step - epoch * steps_per_epoch) * cfg.grad_accum * cfg.batch_size},
                                'config': _plain(asdict(cfg)), 'history': history, 'torch': str(torch.__version__)},
-                              ckpt_path)
+                            ckpt_path, rotate=ck_files['rotate'])
+            ck_files.update(rotate=True, fresh=False)
+            if step >= total: prev_checkpoint(ckpt_path).unlink(missing_ok=True)   # finished: the final one suffices
         if world > 1: dist.barrier()  # no rank returns (and maybe resumes) before the checkpoint is on disk
 
     def evaluate():
@@ -331,6 +403,7 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
                    effective_batch=eff_batch, resumed_from=resumed_from, out_dir=str(out_dir) if out_dir else None,
                    checkpoint=str(ckpt_path) if ckpt_path else None)
     if step >= total:
+        if main and ck_files['rotate']: prev_checkpoint(ckpt_path).unlink(missing_ok=True)
         return dict(summary, step=step, epoch=step / steps_per_epoch, history=history, stopped_early=False,
                     final_loss=history[-1].get('loss') if history else None, elapsed_s=0.0)
 
@@ -341,6 +414,8 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, desc='train', dynamic_ncols=True)
     t0 = t_win = time.perf_counter(); win_steps = 0; sums: dict[str, torch.Tensor] = {}; gnorm = None
+    if window0:   # the metrics window the checkpoint was taken in: the next row averages the same steps as without a stop
+        sums = {k: v.to(device) for k, v in window0['sums'].items()}; win_steps = int(window0['steps'])
     stopped = False
     while step < total and not stopped:
         epoch = step // steps_per_epoch

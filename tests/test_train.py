@@ -215,3 +215,15 @@ def test_autocast_paths_train_and_resume_on_cpu(amp, tmp_path):
     full = fit(make(), XY(), cfg(None, max_steps=10, log_every=2, out_dir=None))      # fp32
     assert [r['loss'] for r in ref['history']] == pytest.approx([r['loss'] for r in full['history']], rel=0.02)
     assert not same(m_ref, make())
+
+
+def test_dropped_samples_go_to_the_run_log(tmp_path):
+    "A reader that dropped samples (on_missing='skip') has a `drop_message`; fit writes it to the run's train.log."
+    from rsrepro.core import drop_warning
+    from rsrepro.train import TRAIN_LOG
+    ds = XY()
+    with pytest.warns(UserWarning, match='dropped 2 sample'):
+        ds.drop_message = drop_warning('xy', ['a.tif', 'b.tif'], 'the partner file is missing')
+    fit(make(), ds, cfg(tmp_path, max_steps=2))
+    log = (tmp_path/TRAIN_LOG).read_text()
+    assert 'xy: dropped 2 sample(s) because the partner file is missing: a.tif, b.tif' in log
