@@ -16,9 +16,9 @@ import torch
 warnings.filterwarnings('ignore', message='IProgress not found')
 
 # %% auto #0
-__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'atomic_write', 'atomic_torch_save',
-           'seed_everything', 'repo_root', 'code_version', 'git_commit', 'utc_now', 'get_device', 'image_batch',
-           'Registry', 'create_model', 'list_models']
+__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems', 'problems_of', 'gather',
+           'drop_warning', 'atomic_write', 'atomic_torch_save', 'seed_everything', 'repo_root', 'code_version',
+           'git_commit', 'utc_now', 'get_device', 'image_batch', 'Registry', 'create_model', 'list_models']
 
 # %% ../nbs/api/00_core.ipynb #710c9885
 class RsreproError(Exception):
@@ -29,6 +29,39 @@ class DataNotFoundError(RsreproError, FileNotFoundError):
 
 class DataFormatError(RsreproError, ValueError):
     "A file exists but its content is not what the format says; the message names the file and the problem."
+
+# %% ../nbs/api/00_core.ipynb #1f7b2009
+class DataProblems(DataFormatError):
+    "Several data problems found in one pass; `.problems` holds each message (`path[:line]: what is wrong`)."
+    def __init__(self, problems):
+        self.problems = list(problems)
+        shown = '\n'.join(f'  {p}' for p in self.problems[:20])
+        more = f'\n  ... and {len(self.problems) - 20} more' if len(self.problems) > 20 else ''
+        super().__init__(f'{len(self.problems)} data problems:\n{shown}{more}')
+
+def problems_of(e: BaseException) -> list[str]:
+    "The `path[:line]: what is wrong` lines an rsrepro error carries (several for `DataProblems`)."
+    return list(getattr(e, 'problems', None) or [str(e)])
+
+def gather(fn: Callable[[Any], Any], items) -> list:
+    "`[fn(x) for x in items]`, except that every `RsreproError` is collected first: one is re-raised, several as `DataProblems`."
+    out, errors = [], []
+    for x in items:
+        try: out.append(fn(x))
+        except RsreproError as e: errors.append(e)
+    if len(errors) == 1: raise errors[0]
+    if errors: raise DataProblems([p for e in errors for p in problems_of(e)])
+    return out
+
+# %% ../nbs/api/00_core.ipynb #71a63c18
+def drop_warning(reader: str, dropped, why: str) -> str | None:
+    "Warn that `reader` dropped samples `dropped` (names) because `why`; returns the message, `None` when none was dropped."
+    dropped = list(dropped)
+    if not dropped: return None
+    names = ', '.join(map(str, dropped[:10])) + (f', ... ({len(dropped) - 10} more)' if len(dropped) > 10 else '')
+    msg = f'{reader}: dropped {len(dropped)} sample(s) because {why}: {names}'
+    warnings.warn(msg, stacklevel=2)
+    return msg
 
 # %% ../nbs/api/00_core.ipynb #6276b1c5
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io, os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .core import DataFormatError, DataNotFoundError, atomic_write
 
 # %% auto #0
-__all__ = ['RESAMPLE_MODES', 'image_format', 'read_image', 'raster_chw', 'read_bands', 'image_to_tensor', 'Grid',
+__all__ = ['RESAMPLE_MODES', 'image_format', 'read_image', 'raster_chw', 'read_bands', 'check_raster', 'image_to_tensor', 'Grid',
            'read_geotiff_grid', 'resample_band', 'footprint_mask', 'resize_chw', 'write_tiff', 'write_png',
            'write_jpeg', 'LoadReport', 'read_torch', 'read_weights', 'load_weights']
 
@@ -88,6 +88,31 @@ def read_bands(path: str | os.PathLike, what: str, ok: Callable[[int], bool], ex
         raise DataFormatError(f'{path}: the {what} file has {a.shape[0]} band(s), expected {expected}')
     return a
 
+def check_raster(a: np.ndarray, path: str | os.PathLike, what: str = 'image', *, size: int | tuple[int, int] | None = None,
+                 bands: int | Sequence[int] | None = None, dtype=None, finite: bool = True) -> np.ndarray:
+    """Check a `[C,H,W]` raster read from `path` against what its reader expects; returns it, or raises `DataFormatError`
+    naming the file: `size` (H, W) or one side, `bands` a count or the allowed counts, `dtype` one or several NumPy dtypes,
+    and (unless `finite=False`) no NaN or Inf in a floating-point raster."""
+    a = np.asarray(a)
+    if a.ndim != 3: raise DataFormatError(f'{path}: the {what} file is not a [C,H,W] raster (shape {a.shape})')
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(a.shape[1:]) != hw:
+            raise DataFormatError(f'{path}: the {what} file is {a.shape[1]}x{a.shape[2]} pixels, expected {hw[0]}x{hw[1]}')
+    if bands is not None:
+        ok = (bands,) if isinstance(bands, int) else tuple(bands)
+        if a.shape[0] not in ok:
+            raise DataFormatError(f'{path}: the {what} file has {a.shape[0]} band(s), expected '
+                                  f'{" or ".join(map(str, ok))}')
+    if dtype is not None:
+        ok = tuple(np.dtype(d) for d in (dtype if isinstance(dtype, (tuple, list)) else (dtype,)))
+        if a.dtype not in ok:
+            raise DataFormatError(f'{path}: the {what} file is {a.dtype}, expected {" or ".join(map(str, ok))}')
+    if finite and np.issubdtype(a.dtype, np.floating):
+        bad = int((~np.isfinite(a)).sum())
+        if bad: raise DataFormatError(f'{path}: the {what} file has {bad} NaN/Inf pixel value(s)')
+    return a
+
 def image_to_tensor(a: np.ndarray) -> torch.Tensor:
     "A stored image array (`H×W` or `H×W×C`) as float32 `[C,H,W]` in [0,1] (uint8/255, uint16/65535)."
     a = np.asarray(a)
@@ -98,6 +123,8 @@ def image_to_tensor(a: np.ndarray) -> torch.Tensor:
     elif a.dtype == bool: x = a.astype(np.float32)
     else: x = a.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
 
 # %% ../nbs/api/22_io.ipynb #6240fa69
 @dataclass(frozen=True)
