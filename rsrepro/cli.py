@@ -10,7 +10,7 @@ from .core import RsreproError
 
 # %% auto #0
 __all__ = ['cmd_published', 'cmd_tables', 'cmd_reproduce', 'cmd_site', 'cmd_bench', 'cmd_eval_dota', 'cmd_convert',
-           'build_parser', 'main']
+           'cmd_check_data', 'build_parser', 'main']
 
 # %% ../nbs/api/12_cli.ipynb #7f1f7d4b
 def _fmt(df, fmt: str, index: bool = False) -> str:
@@ -106,6 +106,31 @@ def cmd_convert(a) -> int:
           + (f"; set aside: {', '.join(r['set_aside'])}" if r['set_aside'] else ''))
     return 0
 
+def cmd_check_data(a) -> int:
+    from pathlib import Path
+    from rsrepro.check import MANIFEST_NAME, check_data, verify_manifest, verify_publisher, write_manifest
+    from rsrepro.data import resolve_root
+    problems = []
+    if a.write_manifest is not None or a.verify is not None:
+        root = Path(a.root) if a.root else resolve_root(a.name, data_root=a.data_root)[0]
+    if a.verify is not None:
+        pub, seen = verify_publisher(a.name, root, progress=not a.no_progress)
+        problems += pub
+        manifest = Path(a.verify) if a.verify else root/MANIFEST_NAME
+        if a.verify or manifest.is_file() or not seen:
+            problems += verify_manifest(root, manifest, progress=not a.no_progress)
+        print(f"verified {len(seen)} publisher archive(s)" + (f" and {manifest}" if manifest.is_file() else ''),
+              file=sys.stderr)
+    kw = {} if a.root else {'data_root': a.data_root}
+    problems += check_data(a.name, root=a.root, splits=a.split, progress=not a.no_progress, workers=a.workers, **kw)
+    for p in problems: print(p)
+    if a.write_manifest is not None and not problems:
+        print(f'manifest written to {write_manifest(root, a.write_manifest or None, progress=not a.no_progress)}',
+              file=sys.stderr)
+    elif a.write_manifest is not None: print('no manifest written: fix the problems first', file=sys.stderr)
+    print(f"rsrepro check-data {a.name}: {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
 # %% ../nbs/api/12_cli.ipynb #f81dc180
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='rsrepro', description='Reproducible companion for self-supervised pre-training '
@@ -188,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--trusted', action='store_true', help='unpickle the file fully (weights_only=False): for an mmcv '
                    'checkpoint whose meta holds NumPy objects, and only for a file you trust')
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser('check-data', help='read every file of a dataset and print one "path[:line]: problem" line per '
+                       'problem (exit 1 if any); SHA-256 manifests')
+    s.add_argument('name', help='a registered dataset (rsrepro.data.list_datasets())')
+    g = s.add_mutually_exclusive_group()
+    g.add_argument('--root', metavar='DIR', help="the dataset's own folder (e.g. /data/DOTA)")
+    g.add_argument('--data-root', metavar='DIR', help='the folder holding the datasets (default: $RSREPRO_DATA, then '
+                   'the samples)')
+    s.add_argument('--split', nargs='+', metavar='S', help="splits to check (default: every split the reader has)")
+    s.add_argument('--workers', type=int, default=0, help='reader processes (default 0: this one)')
+    s.add_argument('--write-manifest', nargs='?', const='', metavar='FILE', help='when no problem is found, write the '
+                   'SHA-256 of every file (default FILE: <root>/rsrepro.sha256)')
+    s.add_argument('--verify', nargs='?', const='', metavar='FILE', help='check the files against a manifest: '
+                   "rsrepro's (default <root>/rsrepro.sha256) or a publisher's md5sum/sha256sum/sha512sum list; the "
+                   "publisher's archives of BigEarthNet v1 and SEN12MS, when kept in or beside the root, are checked too")
+    s.add_argument('--no-progress', action='store_true', help='no progress bars')
+    s.set_defaults(fn=cmd_check_data)
     return p
 
 def main(argv: list[str] | None = None) -> int:
