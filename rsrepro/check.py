@@ -15,8 +15,8 @@ from tqdm import tqdm
 from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError, atomic_write, problems_of
 
 # %% auto #0
-__all__ = ['MANIFEST_NAME', 'PUBLISHER_CHECKSUMS', 'check_splits', 'nonfinite_problems', 'check_data', 'file_digest',
-           'write_manifest', 'read_manifest', 'verify_manifest', 'verify_publisher']
+__all__ = ['MANIFEST_NAME', 'PUBLISHER_CHECKSUMS', 'check_splits', 'check_kwargs', 'nonfinite_problems', 'check_data',
+           'file_digest', 'write_manifest', 'read_manifest', 'verify_manifest', 'verify_publisher']
 
 # %% ../nbs/api/34_check.ipynb #d8d981fc
 def check_splits(name: str) -> tuple[str, ...]:
@@ -26,6 +26,11 @@ def check_splits(name: str) -> tuple[str, ...]:
     if s: return tuple(s)
     p = inspect.signature(cls).parameters.get('split')
     return (p.default,) if p is not None and p.default is not inspect.Parameter.empty else ('train',)
+
+def check_kwargs(name: str, root: str | os.PathLike | None = None) -> dict:
+    "The reader options `check_data` uses for `name` so that every file of the layout is read: the reader's `check_kwargs`."
+    ck = getattr(DATASETS.get(name), 'check_kwargs', None)
+    return dict((ck(root) if callable(ck) else ck) or {})
 
 def _where(s, fallback: str) -> str:
     "The file (or id) a sample came from, for a message about it."
@@ -68,6 +73,7 @@ def check_data(name: str, root: str | os.PathLike | None = None, splits: Sequenc
 
     Builds the reader for each split (`check_splits(name)` by default) and loads every sample; `kw` go to the reader."""
     problems: list[str] = []
+    kw = {**check_kwargs(name, root), **kw}
     for split in (splits or check_splits(name)):
         label = f'{name}/{split}'
         try: ds = DATASETS.get(name)(root=root, split=split, **kw)

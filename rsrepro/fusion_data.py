@@ -12,16 +12,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import DATASETS, DataFormatError, DataNotFoundError
+from .core import DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, drop_warning, problems_of
 from .data import DataSpec, S2_ALL_BANDS, register_data_spec, _root_and_source
-from .io import image_to_tensor, read_bands, read_image
+from .io import check_raster, image_to_tensor, raster_chw, read_bands, read_image
 from .multimodal_data import IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['SEN12MS_IGBP17', 'SEN12MS_IGBP10', 'SEN12MS_IGBP17_TO_10', 'SEN12MS_S2_BANDS', 'SEN12MS_S2_LAND', 'SEN12MS_S1_BANDS',
-           'SEN12MS_LC_BANDS', 'SEN12MS_LABEL_FILE', 'SEN12MS_SPLIT_FILES', 'SEN12MS_BROKEN', 'C2SEG_CLASSES',
-           'C2SEG_BANDS', 'GLOBE230K_CLASSES', 'GLOBE230K_IMAGE_DIRS', 'GLOBE230K_LABEL_DIRS', 'GLOBE230K_EXTRA',
-           'load_plain_pickle', 'sen12ms_simplify', 'sen12ms_paths', 'SEN12MS', 'label_to_mask', 'C2SegBW', 'Globe230k']
+           'SEN12MS_LC_BANDS', 'SEN12MS_LABEL_FILE', 'SEN12MS_SPLIT_FILES', 'SEN12MS_BROKEN', 'SEN12MS_FILES',
+           'C2SEG_CLASSES', 'C2SEG_BANDS', 'GLOBE230K_CLASSES', 'GLOBE230K_IMAGE_DIRS', 'GLOBE230K_LABEL_DIRS',
+           'GLOBE230K_EXTRA', 'load_plain_pickle', 'sen12ms_simplify', 'sen12ms_paths', 'SEN12MS', 'label_to_mask',
+           'C2SegBW', 'Globe230k']
 
 # %% ../nbs/api/25_fusion_data.ipynb #1f5da6e5
 _NUMPY_OK = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
@@ -39,11 +40,44 @@ class _PlainUnpickler(pickle.Unpickler):
 def load_plain_pickle(path: str | os.PathLike, what: str) -> Any:
     "Load a pickle that may hold only plain data (dict, list, str, numbers, NumPy arrays); errors name the file."
     path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'{what}: {path} does not exist')
+    if not path.is_file(): raise DataNotFoundError(f'{path}: missing ({what})')
     try:
         with open(path, 'rb') as f: return _PlainUnpickler(f).load()
     except Exception as e:
-        raise DataFormatError(f'{what}: {path} is not a plain-data pickle ({type(e).__name__}: {e})') from e
+        raise DataFormatError(f'{path}: not a plain-data pickle ({what}; {type(e).__name__}: {e})') from e
+
+# %% ../nbs/api/25_fusion_data.ipynb #bc7d2445
+def _keep(fn: Callable[[Any], Any], items, errors: list) -> list:
+    "The items on which `fn` raises no rsrepro error; the errors are appended to `errors` (every bad item, not the first)."
+    out = []
+    for x in items:
+        try: fn(x); out.append(x)
+        except RsreproError as e: errors.append(e)
+    return out
+
+def _with_partners(ds, names, paths_of: Callable[[str], dict], on_missing: str, errors: list, src: str = '') -> list:
+    """The names whose files (`paths_of(name)`: modality -> path) all exist. A missing file is a `DataNotFoundError`
+    naming it (`on_missing='raise'`) or drops the name (`'skip'`: `ds.dropped`, `ds.drop_message`, a warning)."""
+    keep, dropped = [], []
+    for n in names:
+        lost = [(m, p) for m, p in paths_of(n).items() if not p.is_file()]
+        if not lost: keep.append(n)
+        elif on_missing == 'skip': dropped.append(n)
+        else: errors += [DataNotFoundError(f"{p}: missing: {n}{src} has no {m} file (on_missing='skip' drops such "
+                                           'samples)') for m, p in lost]
+    ds.dropped = dropped
+    ds.drop_message = drop_warning(ds.name, dropped, 'a modality or label file is missing')
+    return keep
+
+def _raise_problems(ds, errors: list) -> None:
+    "Raise `errors` (one as is, several as `DataProblems`) with the reader `ds` attached; nothing when there are none."
+    if not errors: return
+    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+    e.dataset = ds
+    raise e
+
+def _check_on_missing(name: str, on_missing: str) -> None:
+    if on_missing not in ('raise', 'skip'): raise ValueError(f"{name}: on_missing={on_missing!r}; use 'raise' or 'skip'")
 
 # %% ../nbs/api/25_fusion_data.ipynb #77b9a10c
 SEN12MS_IGBP17 = ('Evergreen Needleleaf Forests', 'Evergreen Broadleaf Forests', 'Deciduous Needleleaf Forests',
@@ -92,17 +126,21 @@ def _find_file(root: Path, name: str, label_dir: Path | None) -> Path:
     dirs = [label_dir] if label_dir is not None else [root, root/'splits', root/'labels', root/'label_split_dir']
     for d in dirs:
         if (d/name).is_file(): return d/name
-    raise DataNotFoundError(f'SEN12MS: {name} not found in ' + ', '.join(map(str, dirs)))
+    raise DataNotFoundError(f'{dirs[0]/name}: missing (SEN12MS: {name} not found in ' + ', '.join(map(str, dirs)) + ')')
+
+SEN12MS_FILES = {'s1': (2, np.float32), 's2': (13, np.uint16), 'lc': (4, None)}   # bands, dtype (lc: any integer)
 
 @DATASETS.register('sen12ms')
 class SEN12MS(Dataset):
     "SEN12MS scene classification: S1 (VV, VH), S2 (13 bands), optional lc; label = argmax of the simplified IGBP probabilities."
     name = 'sen12ms'
+    check_splits = ('train', 'val', 'test')
+    check_kwargs = {'modalities': ('s1', 's2', 'lc')}     # `rsrepro check-data` reads the land-cover maps too
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
                  modalities: Sequence[str] = ('s1', 's2'), s2_bands: Sequence[str] = SEN12MS_S2_BANDS,
                  label_type: str = 'single_label', threshold: float = 0.1, igbp_simplified: bool = True,
                  normalize: str | bool = 'scale', label_dir: str | os.PathLike | None = None,
-                 data_root: str | os.PathLike | None = None):
+                 data_root: str | os.PathLike | None = None, on_missing: str = 'raise', s1_nan: str = 'raise'):
         self.modalities = tuple(modalities)
         if not self.modalities or set(self.modalities) - {'s1', 's2', 'lc'}:
             raise ValueError(f"sen12ms: modalities={modalities!r}; use a non-empty subset of ('s1', 's2', 'lc')")
@@ -112,9 +150,11 @@ class SEN12MS(Dataset):
             raise ValueError(f"sen12ms: label_type={label_type!r}; use 'single_label' or 'multi_label'")
         if normalize not in ('scale', False, None): raise ValueError(f"sen12ms: normalize={normalize!r}; use 'scale' or False")
         if split not in (*SEN12MS_SPLIT_FILES, 'all'): raise ValueError(f"sen12ms: split={split!r}; use 'train', 'val', 'test' or 'all'")
+        if s1_nan not in ('raise', 'zero'): raise ValueError(f"sen12ms: s1_nan={s1_nan!r}; use 'raise' or 'zero'")
+        _check_on_missing(self.name, on_missing)
         self.split, self.transforms, self.label_type, self.threshold = split, transforms, label_type, float(threshold)
         self.s2_bands, self.s2_index = tuple(s2_bands), [SEN12MS_S2_BANDS.index(b) for b in s2_bands]
-        self.igbp_simplified, self.normalize = igbp_simplified, normalize
+        self.igbp_simplified, self.normalize, self.s1_nan = igbp_simplified, normalize, s1_nan
         self.classes = SEN12MS_IGBP10 if igbp_simplified else SEN12MS_IGBP17
         self.root, self.data_source = _root_and_source(self.name, root, data_root)
         ld = Path(label_dir).expanduser().resolve() if label_dir is not None else None
@@ -125,49 +165,65 @@ class SEN12MS(Dataset):
         self.labels = labels
         if split == 'all':
             ids = sorted(p.name for p in self.root.glob('ROIs*_*/s2_*/ROIs*_s2_*_p*.tif'))
-            self.split_source = f'every s2 patch under {self.root}'
+            if not ids: raise DataNotFoundError(f'{self.root}: no s2 patch ROIs<id>_<season>/s2_<scene>/*.tif (empty folder?)')
+            self.split_source, src = f'every s2 patch under {self.root}', ''
         else:
             self.split_file = _find_file(self.root, SEN12MS_SPLIT_FILES[split], ld)
             ids = load_plain_pickle(self.split_file, f'SEN12MS {split} list')
             if not isinstance(ids, (list, tuple)) or not all(isinstance(x, str) for x in ids):
-                raise DataFormatError(f'{self.split_file}: expected a list of s2 patch names (str)')
-            self.split_source = f'official list {self.split_file}'
-        self.ids = sorted(x for x in ids if x not in SEN12MS_BROKEN)
-        for x in self.ids: sen12ms_paths(self.root, x)               # every name parses
-        missing = [x for x in self.ids if x not in self.labels]
-        if missing: raise DataFormatError(f'{self.label_file}: no label for {len(missing)} patch(es) of the {split} '
-                                          f'split (e.g. {missing[:3]})')
+                raise DataFormatError(f'{self.split_file}: expected a list of s2 patch names (str), got {type(ids).__name__}')
+            if not ids: raise DataFormatError(f'{self.split_file}: the {split} list is empty')
+            self.split_source, src = f'official list {self.split_file}', f' (named in {self.split_file})'
+        errors: list = []
+        ids = _keep(lambda x: self._check_name(x, src), sorted(x for x in ids if x not in SEN12MS_BROKEN), errors)
+        ids = _keep(lambda x: self._check_label(x, src), ids, errors)
+        self.ids = _with_partners(self, ids, lambda x: {k: p for k, p in sen12ms_paths(self.root, x).items()
+                                                         if k in self.modalities}, on_missing, errors, src)
+        _raise_problems(self, errors)
+
+    def _check_name(self, x: str, src: str):
+        if not _SEN12MS_NAME.match(x):
+            raise DataFormatError(f'{getattr(self, "split_file", self.root)}: {x!r} is not an s2 patch name '
+                                  'ROIs<id>_<season>_s2_<scene>_p<n>.tif')
+
+    def _check_label(self, x: str, src: str):
+        if x not in self.labels: raise DataFormatError(f'{self.label_file}: no label for {x}{src}')
+        try: p = np.asarray(self.labels[x], np.float64).reshape(-1)
+        except (TypeError, ValueError): p = np.full(1, np.nan)
+        if p.shape != (17,) or not np.isfinite(p).all() or (p < 0).any() or (p > 1 + 1e-6).any() or not p.any():
+            raise DataFormatError(f'{self.label_file}: the label of {x} is not 17 finite IGBP probabilities in [0, 1] '
+                                  f'(got {str(self.labels[x])[:80]})')
 
     def __len__(self) -> int: return len(self.ids)
 
     def label_of(self, s2_id: str) -> torch.Tensor:
         "The target of `s2_id`: class index (single_label, argmax) or multi-hot vector (multi_label, >= threshold)."
+        self._check_label(s2_id, '')
         p = np.asarray(self.labels[s2_id], np.float64).reshape(-1)
-        if p.shape != (17,) or not np.isfinite(p).all():
-            raise DataFormatError(f'{self.label_file}: the label of {s2_id!r} is not 17 finite IGBP probabilities')
         if self.igbp_simplified: p = sen12ms_simplify(p)
         if self.label_type == 'single_label': return torch.tensor(int(np.argmax(p)), dtype=torch.long)
         return torch.from_numpy((p >= self.threshold).astype(np.float32))
 
-    def _read(self, path: Path, kind: str, n: int, s2_id: str) -> np.ndarray:
-        if not path.is_file():
-            raise DataNotFoundError(f'SEN12MS: the {kind} file of patch {s2_id} is missing: {path}')
-        a = read_bands(path, kind, lambda c: c == n, str(n))
-        if a.shape[1:] != (256, 256): raise DataFormatError(f'{path}: {a.shape[1]}×{a.shape[2]} pixels, expected 256×256')
+    def _read(self, path: Path, kind: str, s2_id: str) -> np.ndarray:
+        if not path.is_file(): raise DataNotFoundError(f'{path}: missing: {s2_id} has no {kind} file')
+        n, dt = SEN12MS_FILES[kind]
+        a = check_raster(read_bands(path, kind, lambda c: c == n, str(n)), path, kind, size=256, dtype=dt,
+                         finite=not (kind == 's1' and self.s1_nan == 'zero'))
+        if dt is None and a.dtype.kind not in 'iu': raise DataFormatError(f'{path}: the {kind} file is {a.dtype}, expected integers')
         return a
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s2_id = self.ids[i]; paths = sen12ms_paths(self.root, s2_id)
         sample: dict[str, Any] = {'id': s2_id}
         if 's1' in self.modalities:
-            x = np.nan_to_num(self._read(paths['s1'], 's1', 2, s2_id).astype(np.float32))
+            x = np.nan_to_num(self._read(paths['s1'], 's1', s2_id).astype(np.float32))
             if self.normalize == 'scale': x = np.clip(x, -25, 0) / 25 + 1
             sample['s1'] = torch.from_numpy(x)
         if 's2' in self.modalities:
-            x = self._read(paths['s2'], 's2', 13, s2_id)[self.s2_index].astype(np.float32)
+            x = self._read(paths['s2'], 's2', s2_id)[self.s2_index].astype(np.float32)
             if self.normalize == 'scale': x = np.clip(x, 0, 10000) / 10000
             sample['s2'] = torch.from_numpy(x)
-        if 'lc' in self.modalities: sample['lc'] = torch.from_numpy(self._read(paths['lc'], 'lc', 4, s2_id).astype(np.int64))
+        if 'lc' in self.modalities: sample['lc'] = torch.from_numpy(self._read(paths['lc'], 'lc', s2_id).astype(np.int64))
         sample['label'] = self.label_of(s2_id)
         return self.transforms(sample) if self.transforms is not None else sample
 
@@ -204,29 +260,33 @@ def label_to_mask(a: np.ndarray, n_classes: int, path: str | os.PathLike) -> tor
 class C2SegBW(Dataset):
     "C2Seg-BW: HSI (116 bands), MSI (4), SAR (2) on one grid, 13-class `mask` (background ignored); test has no mask."
     name = 'c2seg_bw'
+    check_splits = ('train', 'val', 'test')
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
                  modalities: Sequence[str] = ('hsi', 'msi', 'sar'), normalize: dict | None = None,
-                 data_root: str | os.PathLike | None = None):
+                 data_root: str | os.PathLike | None = None, on_missing: str = 'raise'):
         self.modalities = tuple(modalities)
         if not self.modalities or set(self.modalities) - set(C2SEG_BANDS):
             raise ValueError(f'c2seg_bw: modalities={modalities!r}; use a non-empty subset of {tuple(C2SEG_BANDS)}')
         if split not in ('train', 'val', 'test'): raise ValueError(f"c2seg_bw: split={split!r}; use 'train', 'val' or 'test'")
+        _check_on_missing(self.name, on_missing)
         self.split, self.transforms, self.classes = split, transforms, C2SEG_CLASSES
         self.norm = {k: (torch.tensor(m, dtype=torch.float32)[:, None, None], torch.tensor(s, dtype=torch.float32)[:, None, None])
                      for k, (m, s) in (normalize or {}).items()}
         self.root, self.data_source = _root_and_source(self.name, root, data_root)
         self.img_dir, self.ann_dir = self.root/'img_dir'/split, self.root/'ann_dir'/split
-        first = self.img_dir/self.modalities[0]
-        if not first.is_dir(): raise DataNotFoundError(f'c2seg_bw: no folder {first} (data source {self.data_source})')
-        self.ids = sorted(p.name for p in first.iterdir() if p.suffix.lower() in ('.tif', '.tiff'))
         self.has_mask = split != 'test'
-        for m in self.modalities[1:]:
-            lost = [n for n in self.ids if not (self.img_dir/m/n).is_file()]
-            if lost: raise DataNotFoundError(f'c2seg_bw: {len(lost)} {self.modalities[0]} file(s) have no {m} partner in '
-                                             f'{self.img_dir/m} (e.g. {lost[:3]})')
-        if self.has_mask:
-            lost = [n for n in self.ids if not (self.ann_dir/n).is_file()]
-            if lost: raise DataNotFoundError(f'c2seg_bw: {len(lost)} image(s) have no label in {self.ann_dir} (e.g. {lost[:3]})')
+        dirs = {m: self.img_dir/m for m in self.modalities} | ({'label': self.ann_dir} if self.has_mask else {})
+        absent = [DataNotFoundError(f'{d}: missing folder (c2seg_bw {split}, data source {self.data_source})')
+                  for d in dirs.values() if not d.is_dir()]
+        if absent: _raise_problems(None, absent)     # one line for the folder, not one per file in it
+        names = sorted({p.name for d in dirs.values() if d.is_dir() for p in d.iterdir() if p.suffix.lower() in ('.tif', '.tiff')})
+        if not names: raise DataNotFoundError(f'{self.img_dir}: no .tif/.tiff file in {", ".join(m for m in dirs)} (empty folders)')
+        errors: list = []
+        self.ids = _with_partners(self, names, self._paths, on_missing, errors)
+        _raise_problems(self, errors)
+
+    def _paths(self, n: str) -> dict[str, Path]:
+        return {m: self.img_dir/m/n for m in self.modalities} | ({'label': self.ann_dir/n} if self.has_mask else {})
 
     def __len__(self) -> int: return len(self.ids)
 
@@ -234,10 +294,11 @@ class C2SegBW(Dataset):
         n = self.ids[i]; sample: dict[str, Any] = {'id': n}; grid = None
         for m in self.modalities:
             p = self.img_dir/m/n
-            x = read_bands(p, m, lambda c, k=C2SEG_BANDS[m]: c == k, str(C2SEG_BANDS[m]))
+            x = check_raster(read_bands(p, m, lambda c, k=C2SEG_BANDS[m]: c == k, str(C2SEG_BANDS[m])), p, m)
             if grid is None: grid = (x.shape[1:], p)
             elif x.shape[1:] != grid[0]:
-                raise DataFormatError(f'{p}: {x.shape[1]}×{x.shape[2]} pixels, but {grid[1]} has {grid[0][0]}×{grid[0][1]}')
+                raise DataFormatError(f'{p}: the {m} file is {x.shape[1]}x{x.shape[2]} pixels, but {grid[1]} has '
+                                      f'{grid[0][0]}x{grid[0][1]} (partners must share one grid)')
             x = torch.from_numpy(x.astype(np.float32))
             if m in self.norm: x = (x - self.norm[m][0]) / self.norm[m][1]
             sample[m] = x
@@ -245,7 +306,7 @@ class C2SegBW(Dataset):
             p = self.ann_dir/n
             mask = label_to_mask(read_image(p), len(C2SEG_CLASSES), p)
             if tuple(mask.shape) != tuple(grid[0]):
-                raise DataFormatError(f'{p}: label is {tuple(mask.shape)}, the images {tuple(grid[0])}')
+                raise DataFormatError(f'{p}: label is {tuple(mask.shape)}, the images {tuple(grid[0])} ({grid[1]})')
             sample['mask'] = mask
         return self.transforms(sample) if self.transforms is not None else sample
 
@@ -273,58 +334,77 @@ register_data_spec(DataSpec(
     is_valid=lambda p: p.is_dir() and _globe_dir(p, GLOBE230K_IMAGE_DIRS) is not None))
 
 def _read_list(path: Path) -> list[str]:
-    try: return [l.strip() for l in path.read_text().splitlines() if l.strip()]
-    except (OSError, UnicodeDecodeError) as e: raise DataFormatError(f'cannot read split list {path}: {e}') from e
+    "The names of a split list (one per line, blank lines skipped); a line that is not one plain name is an error."
+    try: lines = path.read_text(encoding='utf-8-sig').splitlines()        # a BOM from a Windows editor is fine
+    except UnicodeDecodeError as e: raise DataFormatError(f'{path}: not UTF-8 text ({e})') from e
+    except OSError as e: raise DataFormatError(f'{path}: cannot read the split list ({e})') from e
+    bad = [DataFormatError(f'{path}:{k}: {l.strip()[:60]!r} is not one patch name (blank or folder inside)')
+           for k, l in enumerate(lines, 1) if l.strip() and re.search(r'[\s/\\]', l.strip())]
+    _raise_problems(None, bad)
+    names = [l.strip() for l in lines if l.strip()]
+    if not names: raise DataFormatError(f'{path}: the split list names no patch (empty)')
+    return names
 
 @DATASETS.register('globe230k')
 class Globe230k(Dataset):
     "Globe230k: RGB 512×512 at 1 m (float [0,1]), 10-class `mask` (0 = no label ignored); NDVI/DEM/VVVH optional."
     name = 'globe230k'
+    check_splits = ('train', 'val', 'test')
+
+    @staticmethod
+    def check_kwargs(root=None) -> dict:
+        "`rsrepro check-data` reads every optional modality whose folder the root has."
+        if root is None: return {}
+        return {'modalities': ('rgb', *(m for m in GLOBE230K_EXTRA if (Path(root)/m).is_dir()))}
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
-                 modalities: Sequence[str] = ('rgb',), data_root: str | os.PathLike | None = None):
+                 modalities: Sequence[str] = ('rgb',), data_root: str | os.PathLike | None = None,
+                 on_missing: str = 'raise'):
         self.modalities = tuple(modalities)
         if not self.modalities or set(self.modalities) - {'rgb', *GLOBE230K_EXTRA}:
             raise ValueError(f"globe230k: modalities={modalities!r}; use a non-empty subset of ('rgb', 'ndvi', 'dem', 'vvvh')")
         if split not in ('train', 'val', 'test', 'all'): raise ValueError(f"globe230k: split={split!r}; use 'train', 'val', 'test' or 'all'")
+        _check_on_missing(self.name, on_missing)
         self.split, self.transforms, self.classes = split, transforms, GLOBE230K_CLASSES
         self.root, self.data_source = _root_and_source(self.name, root, data_root)
         self.image_dir, self.label_dir = _globe_dir(self.root, GLOBE230K_IMAGE_DIRS), _globe_dir(self.root, GLOBE230K_LABEL_DIRS)
         for what, d, names in (('image', self.image_dir, GLOBE230K_IMAGE_DIRS), ('label', self.label_dir, GLOBE230K_LABEL_DIRS)):
             if d is None: raise DataNotFoundError(f'globe230k: no {what} folder ({", ".join(names)}) under {self.root}')
         if split == 'all':
-            self.ids = sorted(p.stem for p in self.image_dir.glob('*.jpg'))
-            self.split_source = f'every image in {self.image_dir}'
+            ids = sorted(p.stem for p in self.image_dir.glob('*.jpg'))
+            if not ids: raise DataNotFoundError(f'{self.image_dir}: no .jpg image (empty folder)')
+            self.split_source, src = f'every image in {self.image_dir}', ''
         else:
             f = next((c for c in (self.root/f'{split}.txt', self.root/'splits'/f'{split}.txt') if c.is_file()), None)
-            if f is None: raise DataNotFoundError(f'globe230k: no split list {split}.txt in {self.root} or {self.root/"splits"}')
-            self.ids, self.split_source = _read_list(f), f'list {f}'
-        for m in ('rgb', *self.modalities):
-            d = self.image_dir if m == 'rgb' else self.root/m
-            ext = '.jpg' if m == 'rgb' else '.tif'
-            lost = [n for n in self.ids if not (d/f'{n}{ext}').is_file()]
-            if lost: raise DataNotFoundError(f'globe230k: {len(lost)} patch(es) of {self.split_source} have no {m} file in {d} '
-                                             f'(e.g. {[n + ext for n in lost[:3]]})')
-        lost = [n for n in self.ids if not (self.label_dir/f'{n}.png').is_file()]
-        if lost: raise DataNotFoundError(f'globe230k: {len(lost)} patch(es) have no label in {self.label_dir} (e.g. {lost[:3]})')
+            if f is None: raise DataNotFoundError(f'{self.root/f"{split}.txt"}: missing (globe230k: no split list {split}.txt '
+                                                  f'in {self.root} or {self.root/"splits"})')
+            ids, self.split_source, src = _read_list(f), f'list {f}', f' (named in {f})'
+        errors: list = []
+        self.ids = _with_partners(self, list(dict.fromkeys(ids)), self._paths, on_missing, errors, src)
+        _raise_problems(self, errors)
+
+    def _paths(self, n: str) -> dict[str, Path]:
+        return {'rgb': self.image_dir/f'{n}.jpg', 'label': self.label_dir/f'{n}.png',
+                **{m: self.root/m/f'{n}.tif' for m in self.modalities if m != 'rgb'}}
 
     def __len__(self) -> int: return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = self.ids[i]; sample: dict[str, Any] = {'id': n}
         p = self.image_dir/f'{n}.jpg'; a = read_image(p)
-        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-            raise DataFormatError(f'{p}: expected an 8-bit RGB image, got shape {a.shape} {a.dtype}')
+        check_raster(raster_chw(a, p), p, 'rgb', size=512, bands=3, dtype=np.uint8)
         grid = a.shape[:2]
         if 'rgb' in self.modalities: sample['rgb'] = image_to_tensor(a)
         for m in self.modalities:
             if m == 'rgb': continue
             q = self.root/m/f'{n}.tif'
-            x = read_bands(q, m, lambda c, k=GLOBE230K_EXTRA[m]: c == k, str(GLOBE230K_EXTRA[m]))
-            if x.shape[1:] != grid: raise DataFormatError(f'{q}: {x.shape[1]}×{x.shape[2]} pixels, the RGB {p} has {grid[0]}×{grid[1]}')
+            x = check_raster(read_bands(q, m, lambda c, k=GLOBE230K_EXTRA[m]: c == k, str(GLOBE230K_EXTRA[m])), q, m)
+            if x.shape[1:] != grid:
+                raise DataFormatError(f'{q}: the {m} file is {x.shape[1]}x{x.shape[2]} pixels, but the RGB {p} has '
+                                      f'{grid[0]}x{grid[1]} (partners must share one grid)')
             sample[m] = torch.from_numpy(x.astype(np.float32))
         q = self.label_dir/f'{n}.png'
         mask = label_to_mask(read_image(q), len(GLOBE230K_CLASSES), q)
-        if tuple(mask.shape) != grid: raise DataFormatError(f'{q}: label is {tuple(mask.shape)}, the RGB {grid}')
+        if tuple(mask.shape) != grid: raise DataFormatError(f'{q}: label is {tuple(mask.shape)}, the RGB {p} {grid}')
         sample['mask'] = mask
         return self.transforms(sample) if self.transforms is not None else sample
 

@@ -134,12 +134,15 @@ def test_sen12ms_label_is_argmax_of_simplified(tmp_path):
     name = 'ROIs1158_spring_s2_1_p30.tif'
     (tmp_path/F.SEN12MS_LABEL_FILE).write_bytes(pickle.dumps({name: p}))
     (tmp_path/'train_list.pkl').write_bytes(pickle.dumps([name]))
-    ds = F.SEN12MS(root=tmp_path, split='train')
-    assert ds.label_of(name).item() == F.SEN12MS_IGBP10.index('Croplands') == 5
-    assert F.SEN12MS(root=tmp_path, split='train', igbp_simplified=False).label_of(name).item() == 11
-    ml = F.SEN12MS(root=tmp_path, split='train', label_type='multi_label').label_of(name)
+    with pytest.raises(DataNotFoundError, match='ROIs1158_spring_s1_1_p30.tif: missing.* has no s1 file') as e:
+        F.SEN12MS(root=tmp_path, split='train', modalities=('s1',))       # no image files: an error, not an empty set
+    ds = e.value.dataset                                                  # built from the good patches (none here)
+    assert len(ds) == 0 and ds.label_of(name).item() == F.SEN12MS_IGBP10.index('Croplands') == 5
+    with pytest.warns(UserWarning, match='dropped 1 sample'):
+        assert F.SEN12MS(root=tmp_path, split='train', igbp_simplified=False, on_missing='skip').label_of(name).item() == 11
+    with pytest.warns(UserWarning):
+        ml = F.SEN12MS(root=tmp_path, split='train', label_type='multi_label', on_missing='skip').label_of(name)
     assert ml.tolist() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
-    with pytest.raises(DataNotFoundError, match='s1 file .*ROIs1158_spring_s1_1_p30.tif'): ds[0]
 
 
 def test_sen12ms_refuses_unsafe_and_malformed_pickles(tmp_path):
@@ -147,7 +150,8 @@ def test_sen12ms_refuses_unsafe_and_malformed_pickles(tmp_path):
     (tmp_path/'train_list.pkl').write_bytes(pickle.dumps(['ROIs1158_spring_s2_1_p30.tif']))
     with pytest.raises(DataFormatError, match='IGBP_probability_labels.pkl'): F.SEN12MS(root=tmp_path)
     (tmp_path/F.SEN12MS_LABEL_FILE).write_bytes(pickle.dumps({}))
-    with pytest.raises(DataFormatError, match='no label for 1'): F.SEN12MS(root=tmp_path)
+    with pytest.raises(DataFormatError, match='IGBP_probability_labels.pkl: no label for ROIs1158_spring_s2_1_p30.tif'):
+        F.SEN12MS(root=tmp_path)
 
 
 @needs_s2
@@ -187,7 +191,7 @@ def test_c2seg_standin_round_trip_and_errors(tmp_path):
     assert s['mask'].dtype == torch.long and 0 <= s['mask'].min() and s['mask'].max() < 13
     n = tr.ids[0]
     (root/'img_dir'/'train'/'sar'/n).unlink()
-    with pytest.raises(DataNotFoundError, match='no sar partner'): F.C2SegBW(root=root, split='train')
+    with pytest.raises(DataNotFoundError, match=f'sar/{n}: missing.*no sar file'): F.C2SegBW(root=root, split='train')
     ann = root/'ann_dir'/'val'/F.C2SegBW(root=root, split='val', modalities=('msi',)).ids[0]
     tifffile.imwrite(ann, np.full((120, 120), 14, np.uint8))
     with pytest.raises(DataFormatError, match=f'{ann.name}.*outside 0..13'): F.C2SegBW(root=root, split='val', modalities=('msi',))[0]
