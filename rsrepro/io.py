@@ -42,9 +42,9 @@ def _band_pages(t) -> np.ndarray:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     "Read a PNG/JPEG (Pillow) or TIFF/GeoTIFF (tifffile) into a NumPy array; `DataFormatError` names a bad file."
     path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'image file not found: {path}')
+    if not path.is_file(): raise DataNotFoundError(f'{path}: image file not found')
     try: fmt = image_format(path)
-    except OSError as e: raise DataFormatError(f'cannot read {path}: {e}') from e
+    except OSError as e: raise DataFormatError(f'{path}: cannot read: {e}') from e
     try:
         if fmt == 'tiff':
             import tifffile
@@ -57,11 +57,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             from PIL import Image
             with Image.open(path) as im: return np.asarray(im).copy()
     except Exception as e:
-        raise DataFormatError(f'cannot decode {path} as {fmt.upper()}: {type(e).__name__}: {e}') from e
+        raise DataFormatError(f'{path}: cannot decode as {fmt.upper()}: {type(e).__name__}: {e}') from e
     if fmt == 'jp2':
-        raise DataFormatError(f'{path} is JPEG 2000; rsrepro reads TIFF/PNG/JPEG only. Convert it, e.g. '
+        raise DataFormatError(f'{path}: JPEG 2000; rsrepro reads TIFF/PNG/JPEG only. Convert it, e.g. '
                               f'`gdal_translate -of GTiff {path.name} {path.stem}.tif`')
-    raise DataFormatError(f'{path} is not a TIFF, PNG or JPEG file (first bytes do not match any of them); '
+    raise DataFormatError(f'{path}: not a TIFF, PNG or JPEG file (its first bytes match none of them); '
                           'the file is corrupt or of another format')
 
 # %% ../nbs/api/22_io.ipynb #786ff607
