@@ -19,10 +19,11 @@ __all__ = ['MANIFEST_NAME', 'PUBLISHER_CHECKSUMS', 'check_splits', 'check_kwargs
            'file_digest', 'write_manifest', 'read_manifest', 'verify_manifest', 'verify_publisher']
 
 # %% ../nbs/api/34_check.ipynb #d8d981fc
-def check_splits(name: str) -> tuple[str, ...]:
-    "The splits `check_data` reads for registered dataset `name`: the reader's `check_splits`, else its default split."
+def check_splits(name: str, root: str | os.PathLike | None = None) -> tuple[str, ...]:
+    "The splits `check_data` reads for `name`: the reader's `check_splits` (a tuple, or a function of the root), else its default split."
     cls = DATASETS.get(name)
     s = getattr(cls, 'check_splits', None)
+    if callable(s): s = s(root)
     if s: return tuple(s)
     p = inspect.signature(cls).parameters.get('split')
     return (p.default,) if p is not None and p.default is not inspect.Parameter.empty else ('train',)
@@ -74,7 +75,7 @@ def check_data(name: str, root: str | os.PathLike | None = None, splits: Sequenc
     Builds the reader for each split (`check_splits(name)` by default) and loads every sample; `kw` go to the reader."""
     problems: list[str] = []
     kw = {**check_kwargs(name, root), **kw}
-    for split in (splits or check_splits(name)):
+    for split in (splits or check_splits(name, root)):
         label = f'{name}/{split}'
         try: ds = DATASETS.get(name)(root=root, split=split, **kw)
         except RsreproError as e:

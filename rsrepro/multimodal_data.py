@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/18_multimodal_data.ipynb #904088a7
 from __future__ import annotations
-import json, os, warnings
+import json, math, os, re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import DATASETS, DataFormatError, DataNotFoundError
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, drop_warning, gather,
+                          problems_of)
 from .data import DataSpec, register_data_spec, _root_and_source
-from .io import image_to_tensor, read_bands, resize_chw, write_tiff
+from .io import check_raster, image_to_tensor, read_bands, resize_chw, write_tiff
 
 # %% auto #0
 __all__ = ['DFC2023_CLASSES', 'DFC2023_MODALITIES', 'DFC2023_HEIGHT_DIRS', 'DFC2023_NORM', 'DNW_CLASSES', 'UA_CLASSES_27',
@@ -93,14 +94,28 @@ def _bad_values(a: np.ndarray, n: int) -> list:
     return [int(v) if np.isfinite(v) and float(v).is_integer() else float(v) for v in bad.tolist()]
 
 def _check_grid(arrs: dict[str, tuple[np.ndarray, Path]], sid: str, expect: tuple[int, int] | None = None):
-    "All modalities of sample `sid` on one grid (and of the size the annotation says); the error names the file."
-    ref_m, (ref_a, ref_p) = next(iter(arrs.items()))
-    hw = expect or ref_a.shape[-2:]
-    for m, (a, p) in arrs.items():
-        if tuple(a.shape[-2:]) != tuple(hw):
-            what = f'the annotation says {tuple(hw)}' if expect else f'{ref_m} ({ref_p}) is {tuple(hw)}'
-            raise DataFormatError(f'{p}: {m} of {sid!r} is {tuple(a.shape[-2:])} pixels but {what}; '
-                                  'all modalities must share one pixel grid')
+    """All modalities of sample `sid` on one grid: the size the annotation says, else the size most files have (so the
+    odd file out is the one named). One error per file off the grid."""
+    shapes = {m: tuple(a.shape[-2:]) for m, (a, _) in arrs.items()}
+    hw = tuple(expect) if expect else max(shapes.values(), key=list(shapes.values()).count)
+    ref = next((m for m, s in shapes.items() if s == hw), None)
+    what = f'the annotation says {hw}' if expect else f'{ref} ({arrs[ref][1]}) is {hw}'
+    _raise_all([DataFormatError(f'{arrs[m][1]}: {m} of {sid!r} is {s} pixels but {what}; all modalities must share '
+                                'one pixel grid') for m, s in shapes.items() if s != hw])
+
+def _raise_all(errors: list, ds=None) -> None:
+    """Raise `errors` (one as is, several as `DataProblems`), with the reader `ds` attached so that `check_data` can go
+    on reading what was good; nothing when there are none."""
+    if not errors: return
+    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+    if ds is not None: e.dataset = ds
+    raise e
+
+def _no_inf(a: np.ndarray, p: Path, what: str) -> np.ndarray:
+    "`a`, unless it holds ±Inf (NaN is allowed: no-data). The error names the file."
+    if np.issubdtype(a.dtype, np.floating) and np.isinf(a).any():
+        raise DataFormatError(f'{p}: the {what} file has {int(np.isinf(a).sum())} Inf pixel value(s)')
+    return a
 
 # %% ../nbs/api/18_multimodal_data.ipynb #820d53c4
 DFC2023_CLASSES: tuple[str, ...] = ('building',)
@@ -120,45 +135,105 @@ register_data_spec(DataSpec(
                '$RSREPRO_DATA/DFC_Track_2/; rsrepro.standins.smoke_dfc2023_root() writes a small stand-in',
     is_valid=lambda p: (p/'annotations').is_dir() and any((p/s/'rgb').is_dir() for s in ('train', 'val', 'test'))))
 
-def load_coco(path: str | os.PathLike) -> tuple[list[dict], dict[int, list[dict]]]:
-    "The `images` of a COCO json (in file order) and its non-crowd `annotations` grouped by image id, checked."
-    path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'COCO annotation file not found: {path}')
+def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def _check_segmentation(seg, h, w) -> str | None:
+    "What is wrong with a COCO `segmentation` on an `h`×`w` image (`None`: nothing); RLE runs are decoded lazily."
+    if isinstance(seg, dict):
+        size, counts = seg.get('size'), seg.get('counts')
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            return f'RLE "size" {str(size)[:40]} is not [height, width]'
+        if h and w and tuple(size) != (h, w): return f'RLE size {size} differs from the image size [{h}, {w}]'
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                return 'RLE "counts" are not non-negative integers'
+            if sum(counts) != size[0] * size[1]: return f'RLE runs cover {sum(counts)} pixels, not {size[0] * size[1]}'
+        elif not isinstance(counts, str): return 'RLE "counts" is neither a list nor a string'
+        return None
+    if not isinstance(seg, list): return f'segmentation is neither polygons nor RLE: {str(seg)[:60]}'
+    for poly in seg:
+        if not isinstance(poly, list) or not all(_num(v) for v in poly):
+            return f'polygon coordinates are not all finite numbers: {str(poly)[:80]}'
+        if len(poly) % 2 or len(poly) < 6:
+            return f'a polygon needs an even number (>= 6) of coordinates, got {len(poly)}'
+        xs, ys = poly[0::2], poly[1::2]
+        if h and w and (max(xs) <= 0 or min(xs) >= w or max(ys) <= 0 or min(ys) >= h):
+            return (f'polygon x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g} lies outside the {w}x{h} image')
+    return None
+
+def load_coco(path: str | os.PathLike, errors: list | None = None) -> tuple[list[dict], dict[int, list[dict]] | None]:
+    """The `images` of a COCO json (in file order) and its non-crowd `annotations` grouped by image id, checked.
+
+    Every bad image entry or annotation is a `DataFormatError` naming the json and the annotation id; they are left out
+    and appended to `errors`, or (`errors=None`) raised together once the whole file was read."""
+    path = Path(path); out = [] if errors is None else errors
+    if not path.is_file(): raise DataNotFoundError(f'{path}: missing: COCO annotation file not found')
     try:
         with open(path, encoding='utf-8') as f: d = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFormatError(f'cannot parse {path} as JSON: {e}') from e
+    except UnicodeDecodeError as e: raise DataFormatError(f'{path}: not UTF-8 text ({e})') from e
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f'{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})') from e
+    except OSError as e: raise DataFormatError(f'{path}: cannot read: {e}') from e
     if not isinstance(d, dict) or not isinstance(d.get('images'), list):
         raise DataFormatError(f'{path}: not a COCO file (no "images" list)')
-    ids = set()
+    if not d['images']: raise DataFormatError(f'{path}: lists no images (empty "images")')
+    bad = lambda msg: out.append(DataFormatError(f'{path}: {msg}'))
+    images, sizes, names, broken = [], {}, set(), set()         # broken: ids of bad entries (their annotations: quiet)
     for im in d['images']:
-        if not isinstance(im, dict) or 'id' not in im or 'file_name' not in im:
-            raise DataFormatError(f'{path}: an image entry lacks "id" or "file_name": {str(im)[:120]}')
-        ids.add(im['id'])
+        if not isinstance(im, dict) or 'id' not in im or not isinstance(im.get('file_name'), str) or not im['file_name']:
+            bad(f'an image entry lacks "id" or "file_name": {str(im)[:120]}')
+            if isinstance(im, dict) and isinstance(im.get('id'), (int, str)): broken.add(im['id'])
+            continue
+        hw = (im.get('height'), im.get('width'))
+        if any(v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0) for v in hw):
+            bad(f'image {im["file_name"]}: height/width {hw} are not positive integers'); broken.add(im['id']); continue
+        if im['id'] in sizes or im['file_name'] in names:
+            bad(f'image {im["file_name"]} (id {im["id"]!r}) is listed twice'); continue
+        sizes[im['id']] = hw; names.add(im['file_name']); images.append(im)
+    cats = d.get('categories')
+    cat_ids = {c.get('id') for c in cats if isinstance(c, dict)} if isinstance(cats, list) else None
     anns: dict[int, list[dict]] | None = None
     if 'annotations' in d:
         anns = {}
+        if not isinstance(d['annotations'], list): bad('"annotations" is not a list'); d['annotations'] = []
         for a in d['annotations']:
-            if a.get('image_id') not in ids:
-                raise DataFormatError(f'{path}: annotation {a.get("id")!r} refers to image_id {a.get("image_id")!r}, '
-                                      'which is not in "images"')
-            if 'segmentation' not in a:
-                raise DataFormatError(f'{path}: annotation {a.get("id")!r} has no "segmentation"')
-            if not a.get('iscrowd', 0): anns.setdefault(a['image_id'], []).append(a)
-    return d['images'], anns
+            if not isinstance(a, dict): bad(f'an annotation is not an object: {str(a)[:80]}'); continue
+            aid, iid = a.get('id'), a.get('image_id')
+            if isinstance(iid, (int, str)) and iid in broken and iid not in sizes: continue
+            if not isinstance(iid, (int, str)) or iid not in sizes:
+                bad(f'annotation {aid!r} refers to image_id {iid!r}, which is not in "images"'); continue
+            if cat_ids is not None and 'category_id' in a and a['category_id'] not in cat_ids:
+                bad(f'annotation {aid!r} has category_id {a["category_id"]!r}, which is not in "categories" '
+                    f'{sorted(cat_ids, key=str)}'); continue
+            if 'bbox' in a and not (isinstance(a['bbox'], list) and len(a['bbox']) == 4 and all(map(_num, a['bbox']))
+                                    and a['bbox'][2] >= 0 and a['bbox'][3] >= 0):
+                bad(f'annotation {aid!r}: bbox {str(a["bbox"])[:60]} is not 4 finite numbers x, y, w >= 0, h >= 0')
+                continue
+            if 'segmentation' not in a: bad(f'annotation {aid!r} has no "segmentation"'); continue
+            why = _check_segmentation(a['segmentation'], *sizes[iid])
+            if why: bad(f'annotation {aid!r} of image_id {iid!r}: {why}'); continue
+            if not a.get('iscrowd', 0): anns.setdefault(iid, []).append(a)
+    if errors is None: _raise_all(out)
+    return images, anns
 
 @DATASETS.register('dfc2023_track2')
 class DFC2023Track2(Dataset):
     "DFC2023 Track 2: `{'rgb' [3,H,W], 'sar' [1,H,W], 'dsm' [1,H,W] m, 'mask' [H,W], 'instances', 'id'}`."
     name = 'dfc2023_track2'
+    @staticmethod
+    def check_splits(root=None) -> tuple[str, ...]:
+        "`rsrepro check-data` reads every split whose COCO json the root has (the release's test json, when present)."
+        have = [s for s in ('train', 'val', 'test') if root is not None and (Path(root)/'annotations'/f'buildings_only_{s}.json').is_file()]
+        return tuple(have) or ('train', 'val')
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train',
                  modalities: Sequence[str] = ('rgb', 'sar', 'dsm'), transforms: Callable | None = None,
                  data_root: str | os.PathLike | None = None, size: int | None = None, tile: int | None = None,
-                 normalize: bool = False):
+                 normalize: bool = False, on_missing: str = 'raise'):
         if split not in ('train', 'val', 'test'): raise ValueError(f"{self.name}: split={split!r}; use 'train', 'val' or 'test'")
         mods = tuple(modalities)
         if not mods or any(m not in DFC2023_MODALITIES for m in mods):
             raise ValueError(f'{self.name}: modalities={modalities!r}; use a non-empty subset of {tuple(DFC2023_MODALITIES)}')
+        if on_missing not in ('raise', 'skip'): raise ValueError(f"on_missing={on_missing!r}; use 'raise' or 'skip'")
         self.modalities = {m: DFC2023_MODALITIES[m] for m in mods}
         self.split, self.transforms, self.normalize = split, transforms, bool(normalize)
         self.size, self.tile = (int(size) if size else None), (int(tile) if tile else None)
@@ -167,25 +242,32 @@ class DFC2023Track2(Dataset):
         if not self.ann_file.is_file():
             have = sorted(p.name for p in (self.root/'annotations').glob('*.json'))
             raise DataNotFoundError(f'{self.name}: {self.ann_file} not found (annotations present: {have or "none"})')
-        self.images, self.anns = load_coco(self.ann_file)
+        errors: list = []
+        self.images, self.anns = load_coco(self.ann_file, errors)
         base = self.root/split
         hd = next((base/d for d in DFC2023_HEIGHT_DIRS if (base/d).is_dir()), base/DFC2023_HEIGHT_DIRS[0])
         self.dirs = {'rgb': base/'rgb', 'sar': base/'sar', 'dsm': hd}
-        missing = [self.dirs[m]/im['file_name'] for im in self.images for m in self.modalities
-                   if not (self.dirs[m]/im['file_name']).is_file()]
-        if missing:
-            extra = f' (looked for the height folder as {", ".join(DFC2023_HEIGHT_DIRS)})' if any(
-                p.parent == hd for p in missing) else ''
-            raise DataNotFoundError(f'{self.name}: {len(missing)} modality file(s) listed by {self.ann_file} are '
-                                    f'missing, e.g. {", ".join(map(str, missing[:3]))}{extra}')
+        extra = f' (the height folder may be {", ".join(f"{d}/" for d in DFC2023_HEIGHT_DIRS)})'
+        keep, self.dropped = [], []
+        for im in self.images:
+            lost = [(m, p) for m in self.modalities for p in [self.dirs[m]/im['file_name']] if not p.is_file()]
+            if not lost: keep.append(im)
+            elif on_missing == 'skip': self.dropped.append(im['file_name'])
+            else: errors += [DataNotFoundError(f'{p}: missing: image {im["file_name"]} of {self.ann_file.name} has no {m} '
+                                               f"file{extra if m == 'dsm' else ''} (on_missing='skip' drops such images)")
+                             for m, p in lost]
+        self.images = keep
+        self.drop_message = drop_warning(self.name, self.dropped, f'a modality file is missing ({self.ann_file.name})')
         self.index: list[tuple[int, int, int]] = []
         for k, im in enumerate(self.images):
             if self.tile is None: self.index.append((k, 0, 0)); continue
             h, w = im.get('height'), im.get('width')
             if not h or not w or h % self.tile or w % self.tile:
-                raise DataFormatError(f'{self.ann_file}: image {im["file_name"]} is {h}×{w}, which tile={self.tile} '
-                                      'does not divide (height/width must be in the json)')
+                errors.append(DataFormatError(f'{self.ann_file}: image {im["file_name"]} is {h}×{w}, which '
+                                              f'tile={self.tile} does not divide (height/width must be in the json)'))
+                continue
             self.index += [(k, r, c) for r in range(0, h, self.tile) for c in range(0, w, self.tile)]
+        _raise_all(errors, self)
 
     def __len__(self) -> int: return len(self.index)
 
@@ -197,12 +279,16 @@ class DFC2023Track2(Dataset):
         return stem if self.tile is None else f'{stem}_r{r}_c{c}'
 
     def _read(self, m: str, p: Path) -> np.ndarray:
+        "Modality `m` from `p`, checked: its band count, RGB as 8/16-bit integers (or float), SAR finite, heights no Inf."
         n = DFC2023_MODALITIES[m]
-        return read_bands(p, m, lambda c: c == n, str(n))
+        a = read_bands(p, m, lambda c: c == n, str(n))
+        if m == 'rgb': return check_raster(a, p, m, dtype=(np.uint8, np.uint16, np.float32))
+        return check_raster(a, p, m) if m == 'sar' else _no_inf(a, p, 'height (dsm)')
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, r, c = self.index[i]; im = self.images[k]; sid = self._id(k, r, c)
-        arrs = {m: (self._read(m, self.dirs[m]/im['file_name']), self.dirs[m]/im['file_name']) for m in self.modalities}
+        paths = [(m, self.dirs[m]/im['file_name']) for m in self.modalities]
+        arrs = dict(zip(self.modalities, gather(lambda mp: (self._read(*mp), mp[1]), paths)))
         exp = (im['height'], im['width']) if im.get('height') and im.get('width') else None
         _check_grid(arrs, sid, exp)
         H, W = next(iter(arrs.values()))[0].shape[-2:]
@@ -335,6 +421,8 @@ def quadruplet_path(s2_rel: str, kind: str) -> str:
 def _has_s2_dirs(p: Path) -> bool:
     return p.is_dir() and any(q.is_dir() and 's2_' in q.name for q in p.iterdir())
 
+_PLACE = re.compile(r'f\d+')            # the authors' place folder names, f1 ... f20
+
 register_data_spec(DataSpec(
     name='quadruplets', subdir='Quadruplets',
     layout='<place>/<...s2_...>/<name>.tif   (place folders f1 ... f20; Sentinel-2: 4 bands B02,B03,B04,B08, or the\n'
@@ -352,11 +440,13 @@ register_data_spec(DataSpec(
 class Quadruplets(Dataset):
     "Quadruplets: `{'s1' [2,H,W] dB, 's2' [4,H,W], 'dem' [1,H,W] m, 'dnw' long [H,W], 'mask' long [H,W], 'id'}`."
     name = 'quadruplets'
+    check_splits = ('train', 'val', 'other')        # together: every place folder, each once
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train',
                  modalities: Sequence[str] = ('s1', 's2', 'dem', 'dnw'), transforms: Callable | None = None,
                  data_root: str | os.PathLike | None = None, size: int | None = None, label_scheme: str = 'ua7',
                  with_label: bool = True, on_missing: str = 'raise', normalize: bool = False):
-        if split not in ('train', 'val', 'all'): raise ValueError(f"{self.name}: split={split!r}; use 'train', 'val' or 'all'")
+        if split not in ('train', 'val', 'all', 'other'):
+            raise ValueError(f"{self.name}: split={split!r}; use 'train', 'val', 'all' or 'other'")
         mods = tuple(modalities)
         if not mods or any(m not in QUADRUPLET_CHANNELS for m in mods):
             raise ValueError(f'{self.name}: modalities={modalities!r}; use a non-empty subset of {tuple(QUADRUPLET_CHANNELS)}')
@@ -368,37 +458,74 @@ class Quadruplets(Dataset):
         self.classes = UA_MERGES[label_scheme][0]
         self.with_label, self.normalize, self.size = bool(with_label), bool(normalize), (int(size) if size else None)
         self.root, self.data_source = _root_and_source(self.name, root, data_root)
-        self.places, self.split_source = self._places(split)
+        errors: list = []
+        self.places, self.split_source = self._places(split, errors)
         kinds = list(self.modalities) + (['label'] if self.with_label else [])
         self.samples: list[tuple[str, dict[str, Path]]] = []
-        skipped = []
+        self.dropped: list[str] = []
         for place in self.places:
-            for d in sorted(q for q in (self.root/place).iterdir() if q.is_dir() and 's2_' in q.name):
-                for f in sorted(d.glob('*.tif')):
-                    rel = f.relative_to(self.root).as_posix()
-                    paths = {k: self.root/quadruplet_path(rel, _QUAD_FILE_KIND[k]) for k in kinds}
-                    lost = [p for p in paths.values() if not p.is_file()]
-                    if lost and on_missing == 'raise':
-                        raise DataNotFoundError(f'{self.name}: sample {rel} has no {", ".join(map(str, lost))} '
-                                                "(on_missing='skip' drops such samples, as the authors' loader does)")
-                    if lost: skipped.append(rel); continue
-                    self.samples.append((rel[:-len('.tif')], paths))
-        self.n_skipped = len(skipped)
-        if skipped: warnings.warn(f'{self.name}: skipped {len(skipped)} incomplete sample(s), e.g. {skipped[:3]}', stacklevel=2)
+            for rel, lost in self._scan(place, kinds, errors):
+                if not lost: self.samples.append((rel[:-len('.tif')], {k: self.root/quadruplet_path(rel, _QUAD_FILE_KIND[k])
+                                                                        for k in kinds}))
+                elif on_missing == 'skip': self.dropped.append(rel)
+                else: errors += [DataNotFoundError(f"{p}: missing: sample {rel} has no {k} file (on_missing='skip' drops "
+                                                   "such samples, as the authors' loader does)") for k, p in lost]
+        self.n_skipped = len(self.dropped)
+        self.drop_message = drop_warning(self.name, self.dropped, 'a modality or label file is missing')
+        _raise_all(errors, self)
 
-    def _places(self, split):
-        if split == 'all':
-            return sorted(p.name for p in self.root.iterdir() if _has_s2_dirs(p)), 'every place folder'
+    def _scan(self, place: str, kinds: list[str], errors: list) -> list[tuple[str, list[tuple[str, Path]]]]:
+        """`(s2 path relative to the root, [(modality, missing file)])` for every sample of `place`. Partner files whose
+        S2 file is missing count too (the S2 path is then the missing one), and so do empty folders (errors)."""
+        pdir, out = self.root/place, []
+        s2dirs = sorted(q for q in pdir.iterdir() if q.is_dir() and 's2_' in q.name)
+        if not s2dirs:
+            errors.append(DataNotFoundError(f"{pdir}: empty place folder: no Sentinel-2 folder (a folder named '*s2_*')"))
+        for d in s2dirs:
+            rels = [f.relative_to(self.root).as_posix() for f in sorted(d.glob('*.tif'))]
+            if not rels: errors.append(DataNotFoundError(f'{d}: empty folder: no Sentinel-2 *.tif')); continue
+            for rel in rels:
+                out.append((rel, [(k, p) for k in kinds if k != 's2'
+                                  for p in [self.root/quadruplet_path(rel, _QUAD_FILE_KIND[k])] if not p.is_file()]))
+            for k in kinds:                                 # partners without their S2 file
+                if k == 's2': continue
+                kd = _QUAD_FILE_KIND[k]; want = {quadruplet_path(r, kd) for r in rels}
+                for pd in sorted({(self.root/w).parent for w in want}):
+                    for f in sorted(pd.glob('*.tif')):
+                        prel = f.relative_to(self.root).as_posix()
+                        if prel in want: continue
+                        guess = prel.replace(f'_{kd}_', '_s2_').replace(f'{kd}_', 's2_')
+                        if quadruplet_path(guess, kd) != prel or (self.root/guess).is_file(): continue
+                        if not any(r == guess for r, _ in out): out.append((guess, [('s2', self.root/guess)]))
+        return out
+
+    def _places(self, split: str, errors: list) -> tuple[list[str], str]:
+        "The place folders of `split`; a split list naming an absent folder, or none, is an error (appended)."
+        if split in ('all', 'other'):
+            every = sorted(p.name for p in self.root.iterdir()
+                           if p.is_dir() and (_PLACE.fullmatch(p.name) or _has_s2_dirs(p)))
+            if split == 'all': return every, 'every place folder'
+            named = {q for s in ('train', 'val') for q in self._places(s, [])[0]}
+            return [p for p in every if p not in named], 'the place folders in neither split'
         lst = self.root/'splits'/f'{split}.txt'
-        if lst.is_file():
-            places = [l.strip() for l in lst.read_text(encoding='utf-8').splitlines() if l.strip()]
-            src = f'split list {lst}'
-        else: places, src = list(QUADRUPLET_PLACES[split]), "the authors' place lists (QUADRUPLET_PLACES)"
-        missing = [p for p in places if not (self.root/p).is_dir()]
-        if missing:
-            raise DataNotFoundError(f'{self.name}: place folder(s) {missing} of split {split!r} ({src}) not found '
-                                    f'under {self.root}; list the places of the split in {lst}')
-        return places, src
+        if not lst.is_file():
+            places = list(QUADRUPLET_PLACES[split])
+            missing = [p for p in places if not (self.root/p).is_dir()]
+            if missing: errors.append(DataNotFoundError(
+                f"{self.root}: missing: place folder(s) {missing} of split {split!r} (the authors' place lists, "
+                f'QUADRUPLET_PLACES); list the places of the split in {lst}'))
+            return [p for p in places if p not in missing], "the authors' place lists (QUADRUPLET_PLACES)"
+        try: lines = lst.read_bytes().decode('utf-8').splitlines()
+        except UnicodeDecodeError as e:
+            errors.append(DataFormatError(f'{lst}: not UTF-8 text ({e})')); return [], f'split list {lst}'
+        places = []
+        for n, line in enumerate(lines, 1):
+            name = line.strip()
+            if not name: continue
+            if (self.root/name).is_dir(): places.append(name)
+            else: errors.append(DataNotFoundError(f'{lst}:{n}: place folder {name!r} not found under {self.root}'))
+        if not any(l.strip() for l in lines): errors.append(DataFormatError(f'{lst}: lists no place folder'))
+        return places, f'split list {lst}'
 
     def __len__(self) -> int: return len(self.samples)
 
@@ -406,31 +533,31 @@ class Quadruplets(Dataset):
     def ids(self) -> list[str]: return [s for s, _ in self.samples]
 
     def _read(self, k: str, p: Path) -> np.ndarray:
+        "Modality `k` of `p`, checked (bands, values, NaN/Inf where impossible), `[C,H,W]`; maps as int64 class indices."
         if k == 's2':
-            a = read_bands(p, 's2', lambda c: c == 4 or c >= 8, '4 (B02,B03,B04,B08) or >= 8 (bands 2,3,4,8 are read)')
+            a = check_raster(read_bands(p, 's2', lambda c: c == 4 or c >= 8, '4 (B02,B03,B04,B08) or >= 8 (bands 2,3,4,8 '
+                                        'are read)'), p, 's2')
             return a if len(a) == 4 else a[[1, 2, 3, 7]]
-        if k == 's1': return read_bands(p, 's1', lambda c: c >= 2, '>= 2 (VV, VH first)')[:2]
-        if k == 'dem': return read_bands(p, 'dem', lambda c: c == 1, '1')
+        if k == 's1': return _no_inf(read_bands(p, 's1', lambda c: c >= 2, '>= 2 (VV, VH first)')[:2], p, 's1')
+        if k == 'dem': return _no_inf(read_bands(p, 'dem', lambda c: c == 1, '1'), p, 'dem')
         if k == 'dnw':
             a = read_bands(p, 'dnw', lambda c: c == 1 or c >= 10, '1 (label) or >= 10 (band 10 is the label)')
-            return a[:1] if len(a) == 1 else a[9:10]
-        return read_bands(p, 'label', lambda c: c in (1, 3), '1 (UrbanAtlas index) or 3 (RGB colour)')
+            a = a[:1] if len(a) == 1 else a[9:10]
+            if not np.isin(a, np.arange(len(DNW_CLASSES))).all():
+                raise DataFormatError(f'{p}: Dynamic World label values must be integers 0..8, found '
+                                      f'{_bad_values(a, len(DNW_CLASSES))}')
+            return a.astype(np.int64)
+        a = read_bands(p, 'label', lambda c: c in (1, 3), '1 (UrbanAtlas index) or 3 (RGB colour)')
+        if len(a) == 3: a = ua_colors_to_index(check_raster(a, p, 'label (colour)', dtype=np.uint8), str(p))[None]
+        return merge_ua_labels(a, self.label_scheme, str(p))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sid, paths = self.samples[i]
-        arrs = {k: (self._read(k, p), p) for k, p in paths.items()}
+        arrs = dict(zip(paths, gather(lambda kp: (self._read(*kp), kp[1]), paths.items())))
         _check_grid(arrs, sid)
         sample: dict[str, Any] = {'id': sid}
-        for k, (a, p) in arrs.items():
-            if k == 'dnw':
-                if not np.isin(a, np.arange(len(DNW_CLASSES))).all():
-                    raise DataFormatError(f'{p}: Dynamic World label values must be integers 0..8, found '
-                                          f'{_bad_values(a, len(DNW_CLASSES))}')
-                x = a.astype(np.int64)
-            elif k == 'label':
-                idx = ua_colors_to_index(a, str(p)) if len(a) == 3 else a[0]
-                x = merge_ua_labels(idx, self.label_scheme, str(p))[None]
-            else: x = np.nan_to_num(a.astype(np.float32))
+        for k, (x, p) in arrs.items():
+            if k not in ('dnw', 'label'): x = np.nan_to_num(x.astype(np.float32), nan=0.0)     # NaN: no-data (s1, dem)
             if self.size: x = resize_chw(x, self.size, 'nearest' if k in ('dnw', 'label') else 'bilinear')
             if k in ('dnw', 'label'): sample['mask' if k == 'label' else k] = torch.from_numpy(x[0].astype(np.int64))
             else: sample[k] = torch.from_numpy(np.ascontiguousarray(quadruplet_normalize(k, x) if self.normalize else x,

@@ -110,3 +110,13 @@ def test_unknown_dataset_is_a_clean_error(capsys):
     assert main(['check-data', 'no_such_dataset', '--no-progress']) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'no_such_dataset'" in err and 'Traceback' not in err
+
+
+def test_splits_follow_the_layout(tmp_path):
+    "DFC2023's test json is checked when the copy has it; SEN12MS's land-cover maps are read by check-data."
+    from rsrepro.check import check_kwargs
+    root = clean_root('dfc2023_track2', tmp_path)
+    assert check_splits('dfc2023_track2', root) == ('train', 'val')
+    (root/'annotations'/'buildings_only_test.json').write_text('{}')
+    assert check_splits('dfc2023_track2', root) == ('train', 'val', 'test')
+    assert 'lc' in check_kwargs('sen12ms')['modalities']

@@ -228,7 +228,8 @@ def test_dfc_json_referencing_missing_image(tmp_path):
     f = root/'annotations'/'buildings_only_train.json'
     d = json.loads(f.read_text())
     d['images'].append({'id': 9, 'file_name': 'P_0009.tif', 'height': 8, 'width': 8}); f.write_text(json.dumps(d))
-    with pytest.raises(DataNotFoundError, match=r'rgb/P_0009\.tif'): md.DFC2023Track2(root=root)
+    with pytest.raises(DataFormatError, match=r'rgb/P_0009\.tif: missing') as e: md.DFC2023Track2(root=root)
+    assert len(e.value.problems) == 3                         # every modality file is named, one line each
     d['images'].pop(); d['annotations'].append({'id': 5, 'image_id': 77, 'segmentation': [_poly(0, 0, 1, 1)]})
     f.write_text(json.dumps(d))
     with pytest.raises(DataFormatError, match=r'buildings_only_train\.json: annotation 5 refers to image_id 77'):
@@ -319,9 +320,10 @@ def test_quadruplets_missing_file(tmp_path):
     _quad_sample(tmp_path, 'f1/s2_a/x.tif'); _quad_sample(tmp_path, 'f1/s2_a/w.tif')
     p = tmp_path/'f1'/'s1_a'/'w.tif'; p.unlink()
     with pytest.raises(DataNotFoundError, match=str(p)): md.Quadruplets(root=tmp_path, split='all')
-    with pytest.warns(UserWarning, match='skipped 1'):
+    with pytest.warns(UserWarning, match=r'dropped 1 sample\(s\).*f1/s2_a/w\.tif'):
         ds = md.Quadruplets(root=tmp_path, split='all', on_missing='skip')
-    assert ds.ids == ['f1/s2_a/x'] and ds.n_skipped == 1
+    assert ds.ids == ['f1/s2_a/x'] and ds.n_skipped == 1 and ds.dropped == ['f1/s2_a/w.tif']
+    assert 'dropped 1 sample(s)' in ds.drop_message
     assert len(md.Quadruplets(root=tmp_path, split='all', modalities=('s2', 'dem', 'dnw'))) == 2
 
 
