@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError, atomic_write
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, atomic_write,
+                          drop_warning, problems_of)
 from .data import DataSpec, register_data_spec, resolve_root, find_shared_data, _root_and_source
-from .io import image_to_tensor, raster_chw, read_image, write_png, write_tiff
+from .io import check_raster, image_to_tensor, raster_chw, read_image, write_png, write_tiff
 
 # %% auto #0
 __all__ = ['VEDAI_CLASSES', 'VEDAI_CODES', 'VEDAI_DROPPED_CODES', 'VEDAI_CODE_TO_LABEL', 'DIOR_CLASSES', 'DIOR_SPLITS',
@@ -43,6 +44,59 @@ def _empty_target() -> dict:
 
 _root = _root_and_source      # explicit root, else resolve_root (rsrepro.data)
 
+_IMG_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+_TOL = 0.05                   # how far beyond its image (a fraction of the side) a label may reach
+
+def _stems(d: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in _IMG_EXT} if d.is_dir() else {}
+
+def _read_text(path: Path) -> str:
+    "The text of a label or list file; bytes that are not UTF-8 are an error naming the file and line, never replaced."
+    path = Path(path)
+    try: b = path.read_bytes()
+    except OSError as e: raise DataFormatError(f'{path}: cannot read: {e}') from e
+    try: return b.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f'{path}:{b[:e.start].count(10) + 1}: not UTF-8 text (byte 0x{b[e.start]:02x} at offset '
+                              f'{e.start}); the file is corrupt or in another encoding') from None
+
+def _raise_all(errors: Sequence[RsreproError], dataset: Dataset | None = None):
+    "Raise the collected errors (one as it is, several as `DataProblems`), with the reader attached as `e.dataset`."
+    if not errors: return
+    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+    if dataset is not None: e.dataset = dataset
+    raise e
+
+def _collect(fn: Callable, items: Mapping, errors: list) -> dict:
+    "`{k: fn(v)}` for the items that parse; the `RsreproError` of each one that does not is appended to `errors`."
+    out = {}
+    for k, v in items.items():
+        try: out[k] = fn(v)
+        except RsreproError as e: errors.append(e)
+    return out
+
+def _check_inside(points, h: int, w: int, where: Callable[[int], str]):
+    "Raise for every object (`points [N,K,2]`) reaching beyond the `h×w` image by more than `_TOL` of its side."
+    p = np.asarray(points, np.float64)
+    if p.size == 0: return
+    p = p.reshape(len(p), -1, 2); x, y = p[..., 0], p[..., 1]
+    mx, my = _TOL * w + 1, _TOL * h + 1
+    bad = np.nonzero(((x < -mx) | (x > w + mx) | (y < -my) | (y > h + my)).any(-1))[0]
+    _raise_all([DataFormatError(f'{where(j)}: object outside the {w}x{h} image (a corner more than {_TOL:.0%} of the '
+                                f'side beyond it): {p[j].round(1).tolist()}') for j in bad])
+
+def _pair_errors(labels: Mapping[str, Path], images: Mapping[str, Path], label_dir: Path, image_dir) -> list[RsreproError]:
+    "One `DataNotFoundError` per annotation file without an image of its stem and per image without an annotation file."
+    return ([DataNotFoundError(f'{labels[s]}: no image {s}.<jpg|png|tif> in {image_dir}')
+             for s in sorted(set(labels) - set(images))] +
+            [DataNotFoundError(f'{images[s]}: no annotation file {s}.* in {label_dir}') for s in sorted(set(images) - set(labels))])
+
+def _read_rgb(p: Path, dtype=np.uint8) -> torch.Tensor:
+    "An image file (1, 3 or 4 bands of `dtype`) as float32 `[3,H,W]` in [0,1]: grey repeated, alpha dropped."
+    a = check_raster(raster_chw(read_image(p), p), p, bands=(1, 3, 4), dtype=dtype)
+    a = np.repeat(a, 3, 0) if a.shape[0] == 1 else a[:3]
+    return image_to_tensor(a.transpose(1, 2, 0))
+
 # %% ../nbs/api/14_detection_data.ipynb #f963182f
 VEDAI_CLASSES: tuple[str, ...] = ('car', 'pickup', 'camping', 'truck', 'other', 'tractor', 'boat', 'van')
 VEDAI_CODES: dict[int, str] = {1: 'car', 2: 'truck', 4: 'tractor', 5: 'camping', 7: 'motorcycle', 8: 'bus', 9: 'van',
@@ -66,27 +120,23 @@ def _annotation_frame(path: Path) -> int:
     if not m: raise DataFormatError(f'{path}: cannot tell the annotation frame (512 or 1024) from the file name')
     return int(m.group(1))
 
-def parse_vedai_annotations(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    "Every object of a VEDAI annotation file, grouped by image id: centers, angle, polygons [N,4,2], code, flags, line."
-    path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'VEDAI annotation file not found: {path}')
-    rows: dict[str, list] = {}
-    with open(path, encoding='utf-8', errors='replace') as f:
-        for ln, line in enumerate(f, 1):
-            t = line.split()
-            if not t: continue
-            if len(t) != 15:
-                raise DataFormatError(f'{path}:{ln}: expected 15 fields (id xc yc angle x1..x4 y1..y4 class contained '
-                                      f'occluded), got {len(t)}: {line.strip()!r}')
-            try:
-                v = [float(x) for x in t[1:12]]; code = int(t[12]); cont, occ = int(t[13]), int(t[14])
-            except ValueError as e:
-                raise DataFormatError(f'{path}:{ln}: non-numeric field ({e}): {line.strip()!r}') from None
-            if not all(math.isfinite(x) for x in v):
-                raise DataFormatError(f'{path}:{ln}: non-finite coordinate: {line.strip()!r}')
-            if code not in VEDAI_CODES:
-                raise DataFormatError(f'{path}:{ln}: unknown VEDAI class code {code} (known: {sorted(VEDAI_CODES)})')
-            rows.setdefault(t[0], []).append((v, code, cont, occ, ln))
+def _parse_vedai(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[DataFormatError]]:
+    "The objects of the good lines of a VEDAI annotation file by image id, and one error per bad line."
+    frame = _annotation_frame(path); tol = _TOL * frame + 1
+    rows: dict[str, list] = {}; errors = []
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
+        t = line.split()
+        if not t: continue
+        bad = lambda what: errors.append(DataFormatError(f'{path}:{ln}: {what}: {line.strip()!r}'))
+        if len(t) != 15:
+            bad(f'expected 15 fields (id xc yc angle x1..x4 y1..y4 class contained occluded), got {len(t)}'); continue
+        try: v = [float(x) for x in t[1:12]]; code = int(t[12]); cont, occ = int(t[13]), int(t[14])
+        except ValueError as e: bad(f'non-numeric field ({e})'); continue
+        if not all(math.isfinite(x) for x in v): bad('non-finite coordinate'); continue
+        if code not in VEDAI_CODES: bad(f'unknown VEDAI class code {code} (known: {sorted(VEDAI_CODES)})'); continue
+        if not all(-tol <= x <= frame + tol for x in v[:2] + v[3:]):
+            bad(f'coordinate outside the {frame}x{frame} frame of the file (more than {_TOL:.0%} beyond it)'); continue
+        rows.setdefault(t[0], []).append((v, code, cont, occ, ln))
     out = {}
     for i, objs in rows.items():
         v = np.array([o[0] for o in objs], np.float64)
@@ -95,6 +145,14 @@ def parse_vedai_annotations(path: str | os.PathLike) -> dict[str, dict[str, np.n
                   'code': np.array([o[1] for o in objs], np.int64),
                   'contained': np.array([o[2] for o in objs], bool), 'occluded': np.array([o[3] for o in objs], bool),
                   'line': np.array([o[4] for o in objs], np.int64)}
+    return out, errors
+
+def parse_vedai_annotations(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    "Every object of a VEDAI annotation file, grouped by image id: centers, angle, polygons [N,4,2], code, flags, line."
+    path = Path(path)
+    if not path.is_file(): raise DataNotFoundError(f'VEDAI annotation file not found: {path}')
+    out, errors = _parse_vedai(path)
+    _raise_all(errors)
     return out
 
 def vedai_summary(ann: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
@@ -112,17 +170,21 @@ def _norm_vedai_id(s: str) -> str:
     s = re.sub(r'_(co|ir)$', '', s)
     return s.zfill(8) if s.isdigit() else s
 
-def read_id_list(path: str | os.PathLike, norm: Callable[[str], str] = lambda s: s.strip()) -> list[str]:
-    "Ids of a split file, one per line (blank lines skipped, order kept, duplicates removed)."
+def _id_lines(path: str | os.PathLike, norm: Callable[[str], str] = lambda s: s.strip()) -> dict[str, int]:
+    "`{id: line number}` of a split file (blank lines skipped, order kept, the first line of a duplicate)."
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f'split file not found: {path}')
-    out = []
-    for ln, line in enumerate(open(path, encoding='utf-8', errors='replace'), 1):
+    out: dict[str, int] = {}
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip(): continue
         i = norm(line)
         if not i: raise DataFormatError(f'{path}:{ln}: empty id')
-        out.append(i)
-    return list(dict.fromkeys(out))
+        out.setdefault(i, ln)
+    return out
+
+def read_id_list(path: str | os.PathLike, norm: Callable[[str], str] = lambda s: s.strip()) -> list[str]:
+    "Ids of a split file, one per line (blank lines skipped, order kept, duplicates removed)."
+    return list(_id_lines(path, norm))
 
 def vedai_fold_ids(train_file, test_file, on_leak: str = 'filter') -> tuple[list[str], list[str], list[str]]:
     "Train and test ids of one VEDAI fold with the test ids kept out of train; also returns the leaked ids."
@@ -138,16 +200,19 @@ def vedai_fold_ids(train_file, test_file, on_leak: str = 'filter') -> tuple[list
     return tr, te, leaked
 
 # %% ../nbs/api/14_detection_data.ipynb #547e381b
+_VEDAI_SUFFIX = {'rgb': 'co', 'ir': 'ir'}
+
 @DATASETS.register('vedai')
 class VEDAI(Dataset):
     "VEDAI (official layout) as `{'image': [4|3|1,H,W], 'boxes', 'polygons', 'label', 'id', ...}`; 8-class protocol."
-    name = 'vedai'
+    name = 'vedai'; check_splits = ('all',)
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'all', transforms: Callable | None = None,
                  modalities: Sequence[str] = ('rgb', 'ir'), size: int = 512, fold: int = 1, on_leak: str = 'filter',
-                 keep_empty: bool = True, data_root: str | os.PathLike | None = None):
+                 keep_empty: bool = True, data_root: str | os.PathLike | None = None, on_missing: str = 'raise'):
         if split not in ('all', 'train', 'test'): raise ValueError(f"vedai: split={split!r}; use 'all', 'train' or 'test'")
         if int(size) not in (512, 1024): raise ValueError(f'vedai: size={size!r}; use 512 or 1024')
         if not 1 <= int(fold) <= 10: raise ValueError(f'vedai: fold={fold!r}; the official protocol has folds 1..10')
+        if on_missing not in ('raise', 'skip'): raise ValueError(f"vedai: on_missing={on_missing!r}; use 'raise' or 'skip'")
         self.modalities = tuple(modalities)
         bad = [m for m in self.modalities if m not in ('rgb', 'ir')]
         if bad or not self.modalities: raise ValueError(f"vedai: modalities={modalities!r}; use a subset of ('rgb', 'ir')")
@@ -164,32 +229,50 @@ class VEDAI(Dataset):
         if self.annotation_file is None:
             raise DataNotFoundError(f'vedai: no annotation file; looked for {", ".join(map(str, cands))}')
         self.frame = _annotation_frame(self.annotation_file)
-        self.annotations = parse_vedai_annotations(self.annotation_file)
-        present = sorted(p.name[:-len('_co.png')] for p in self.image_dir.glob('*_co.png'))
-        need_ir = 'ir' in self.modalities
-        present = [i for i in present if not need_ir or (self.image_dir/f'{i}_ir.png').is_file()]
+        self.annotations, errors = _parse_vedai(self.annotation_file)
+        files = {m: {p.name[:-7]: p for p in sorted(self.image_dir.glob(f'*_{s}.png'))} for m, s in _VEDAI_SUFFIX.items()}
+        scenes = set(files['rgb']) | set(files['ir'])
+        if not scenes: raise DataNotFoundError(f'{self.image_dir}: empty folder, no VEDAI <id>_co.png / <id>_ir.png images')
+        fold_dirs = [self.root/f'Annotations{self.size}', self.root/f'Annotations{other}', self.root]
         self.leaked: list[str] = []
         if split == 'all':
-            ids = present
+            where = dict.fromkeys(sorted(scenes), None)
         else:
-            dirs = [self.root/f'Annotations{self.size}', self.root/f'Annotations{other}', self.root]
             tr_name, te_name = f'fold{self.fold:02d}.txt', f'fold{self.fold:02d}test.txt'
-            d = next((d for d in dirs if (d/tr_name).is_file() and (d/te_name).is_file()), None)
+            d = next((d for d in fold_dirs if (d/tr_name).is_file() and (d/te_name).is_file()), None)
             if d is None:
                 raise DataNotFoundError(
                     f"vedai: split={split!r} needs the official fold files {tr_name} and {te_name}; looked in "
-                    + ', '.join(map(str, dirs)) + ". They ship with the VEDAI annotations "
+                    + ', '.join(map(str, fold_dirs)) + ". They ship with the VEDAI annotations "
                     "(https://downloads.greyc.fr/vedai/); without them only split='all' works")
             tr, te, self.leaked = vedai_fold_ids(d/tr_name, d/te_name, on_leak)
-            listed = tr if split == 'train' else te
-            have = set(present)
-            missing = [i for i in listed if i not in have]
-            if missing:
-                warnings.warn(f'vedai: {len(missing)} id(s) of the {split} list of fold {self.fold} have no image in '
-                              f'{self.image_dir} (e.g. {missing[:3]}); skipped', stacklevel=2)
-            ids = [i for i in listed if i in have]
+            lst = d/(tr_name if split == 'train' else te_name); lines = _id_lines(lst, _norm_vedai_id)
+            where = {i: f'{lst}:{lines[i]}' for i in (tr if split == 'train' else te)}
+        missing: dict[str, RsreproError] = {}
+        for i, w in where.items():
+            if i not in scenes:
+                missing[i] = DataNotFoundError(f'{w}: scene {i} is listed but has no image in {self.image_dir} '
+                                               f'({i}_co.png, {i}_ir.png)')
+                continue
+            for m in self.modalities:
+                if i not in files[m]:
+                    have = next(iter(files[o][i] for o in files if i in files[o]))
+                    missing[i] = DataNotFoundError(f'{self.image_dir}/{i}_{_VEDAI_SUFFIX[m]}.png: missing, the '
+                                                   f'{m.upper()} partner of {have}')
+        if split == 'all':                                       # every fold list must name scenes that are here
+            for lst in sorted(p for d in fold_dirs if d.is_dir() for p in d.glob('fold[0-9][0-9]*.txt')):
+                try: absent = [f'{lst}:{ln}: scene {i} is listed but has no image in {self.image_dir}'
+                               for i, ln in _id_lines(lst, _norm_vedai_id).items() if i not in scenes]
+                except RsreproError as e: errors.append(e); continue
+                if absent and on_missing == 'skip': warnings.warn(f'vedai: {len(absent)} id(s) of {lst} have no image', stacklevel=2)
+                elif absent: errors += [DataNotFoundError(a) for a in absent]
+        self.dropped: list[str] = list(missing) if on_missing == 'skip' else []
+        if on_missing == 'raise': errors += list(missing.values())
+        self.drop_message = drop_warning('vedai', self.dropped, 'files are missing (on_missing="skip")')
+        ids = [i for i in where if i not in missing]
         if not keep_empty: ids = [i for i in ids if i in self.annotations]
         self.ids = ids
+        _raise_all(errors, self)
 
     def summary(self) -> dict[str, Any]:
         "Counts of the whole annotation file (not only this split): images, objects, kept and dropped per class."
@@ -216,18 +299,13 @@ class VEDAI(Dataset):
                 'occluded': torch.from_numpy(a['occluded'][keep]), 'contained': torch.from_numpy(a['contained'][keep])}
 
     def read(self, i: str) -> torch.Tensor:
-        "The image of id `i`: channels of `self.modalities` concatenated (RGB 3, IR 1)."
+        "The image of id `i`: channels of `self.modalities` concatenated (RGB 3, IR 1); 8-bit, `size`×`size`."
         parts = []
         for m in self.modalities:
-            p = self.image_dir/f'{i}_{"co" if m == "rgb" else "ir"}.png'
-            a = read_image(p)
-            if m == 'rgb':
-                if a.ndim != 3 or a.shape[2] < 3: raise DataFormatError(f'{p}: expected an RGB image, got shape {a.shape}')
-                a = a[:, :, :3]
-            elif a.ndim == 3: a = a[:, :, 0]      # shared copy: 3 identical channels; official: one band
-            parts.append(image_to_tensor(a))
-        if len({t.shape[1:] for t in parts}) != 1:
-            raise DataFormatError(f'vedai: {i}: RGB and IR images differ in size {[tuple(t.shape) for t in parts]}')
+            p = self.image_dir/f'{i}_{_VEDAI_SUFFIX[m]}.png'
+            a = check_raster(raster_chw(read_image(p), p), p, m.upper(), size=self.size,
+                             bands=(3, 4) if m == 'rgb' else (1, 3), dtype=np.uint8)
+            parts.append(image_to_tensor((a[:3] if m == 'rgb' else a[:1]).transpose(1, 2, 0)))  # IR: shared copy has 3 equal bands
         return torch.cat(parts, 0)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
@@ -305,13 +383,18 @@ register_data_spec(DataSpec(
 # %% ../nbs/api/14_detection_data.ipynb #16b6b7f8
 def _xml_root(path: Path) -> ET.Element:
     try: return ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as e: raise DataFormatError(f'cannot parse {path}: {e}') from e
+    except (ET.ParseError, OSError) as e: raise DataFormatError(f'{path}: cannot parse the XML ({e})') from e
 
-def _num(obj: ET.Element, tag: str, path: Path) -> float:
+def _num(obj: ET.Element, tag: str, path: Path, default: float | None = None) -> float:
+    "The finite number in `obj`'s `<tag>`; `default` when the tag is absent or empty (`None`: an error)."
     e = obj.find(tag)
-    if e is None or e.text is None: raise DataFormatError(f'{path}: an <object> lacks <{tag}>')
-    try: return float(e.text)
+    if e is None or not (e.text or '').strip():
+        if default is not None: return default
+        raise DataFormatError(f'{path}: an <object> lacks <{tag}>')
+    try: v = float(e.text)
     except ValueError: raise DataFormatError(f'{path}: <{tag}> is not a number: {e.text!r}') from None
+    if not math.isfinite(v): raise DataFormatError(f'{path}: <{tag}> is not finite: {e.text!r}')
+    return v
 
 def _voc_label(obj: ET.Element, path: Path, classes: Sequence[str], what: str) -> int:
     "Index of the object's `<name>` in `classes`, matched case-insensitively; else an error naming the file."
@@ -333,12 +416,12 @@ def _parse_voc_xml(path, oriented: bool, classes: Sequence[str], what: str) -> d
     boxes, labels, diff, polys, angles = [], [], [], [], []
     for o in r.iter('object'):
         labels.append(_voc_label(o, path, classes, what))
-        diff.append(int(float(o.findtext('difficult') or 0)))
+        diff.append(int(_num(o, 'difficult', path, 0.)))
         if oriented:
             rb = o.find('robndbox')
             if rb is None: raise DataFormatError(f'{path}: an <object> lacks <robndbox> (is this a DIOR-R oriented xml?)')
             polys.append([[_num(rb, f'x_{c}', path), _num(rb, f'y_{c}', path)] for c in _OBB_CORNERS])
-            angles.append(float(o.findtext('angle') or 0))
+            angles.append(_num(o, 'angle', path, 0.))
         else:
             bb = o.find('bndbox')
             if bb is None: raise DataFormatError(f'{path}: an <object> lacks <bndbox>')
@@ -353,11 +436,14 @@ def _parse_voc_xml(path, oriented: bool, classes: Sequence[str], what: str) -> d
         out['angle'] = torch.tensor(angles, dtype=torch.float32)
     else:
         out['boxes'] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if hw is not None:
+        pts = out['polygons'] if oriented else out['boxes'].reshape(-1, 2, 2)
+        _check_inside(pts, *hw, lambda j: f'{path}: object {j} ({classes[labels[j]]})')
     return out
 
 # %% ../nbs/api/14_detection_data.ipynb #b5286249
 class _VOCDetection(Dataset):
-    name = ''; oriented = False
+    name = ''; oriented = False; check_splits = ('all',)
     def __init__(self, root=None, split='trainval', transforms=None, data_root=None):
         if split not in DIOR_SPLITS: raise ValueError(f'{self.name}: split={split!r}; use one of {DIOR_SPLITS}')
         self.split, self.transforms = split, transforms
@@ -366,26 +452,41 @@ class _VOCDetection(Dataset):
         sub = a/('Oriented Bounding Boxes' if self.oriented else 'Horizontal Bounding Boxes')
         self.ann_dir = sub if sub.is_dir() else (a if (not self.oriented and a.is_dir()) else None)
         if self.ann_dir is None: raise DataNotFoundError(f'{self.name}: {sub} not found')
+        self.image_dirs = [self.root/'JPEGImages-trainval', self.root/'JPEGImages-test', self.root/'JPEGImages']
+        errors: list[RsreproError] = []
         if split == 'all':
-            self.ids = sorted(p.stem for p in self.ann_dir.glob('*.xml'))
+            xmls = {p.stem: p for p in sorted(self.ann_dir.glob('*.xml'))}
+            if not xmls: raise DataNotFoundError(f'{self.ann_dir}: empty folder, no {self.name} annotation xml files')
+            imgs: dict[str, Path] = {}
+            for d in self.image_dirs: imgs.update({s: p for s, p in _stems(d).items() if s not in imgs})
+            errors += _pair_errors(xmls, imgs, self.ann_dir, ' or '.join(str(d) for d in self.image_dirs if d.is_dir()))
+            for s in DIOR_SPLITS[:4]:                            # the split lists must name files that are here
+                lst = self.root/'ImageSets'/'Main'/f'{s}.txt'
+                if not lst.is_file(): continue
+                try: lines = _id_lines(lst)
+                except RsreproError as e: errors.append(e); continue
+                for i, ln in lines.items():
+                    if i not in xmls: errors.append(DataNotFoundError(f'{lst}:{ln}: {i} is listed but has no annotation {self.ann_dir}/{i}.xml'))
+                    elif i not in imgs: errors.append(DataNotFoundError(f'{lst}:{ln}: {i} is listed but has no image {i}.<jpg|png|tif>'))
+            ids = [i for i in xmls if i in imgs]
         else:
             lst = self.root/'ImageSets'/'Main'/f'{split}.txt'
             if not lst.is_file():
                 have = sorted(p.name for p in (self.root/'ImageSets'/'Main').glob('*.txt'))
                 raise DataNotFoundError(f"{self.name}: split list {lst} not found (present: {have or 'none'}); "
                                         "use split='all' to read every annotation file")
-            self.ids = read_id_list(lst)
-        self.image_dirs = [self.root/'JPEGImages-trainval', self.root/'JPEGImages-test', self.root/'JPEGImages']
-        self.targets = {i: self._parse(self._xml(i)) for i in self.ids}
+            lines = _id_lines(lst)
+            if not lines: raise DataFormatError(f'{lst}: empty split list')
+            errors += [DataNotFoundError(f'{lst}:{ln}: {i} is listed but its annotation {self.ann_dir/f"{i}.xml"} is missing')
+                       for i, ln in lines.items() if not (self.ann_dir/f'{i}.xml').is_file()]
+            ids = [i for i in lines if (self.ann_dir/f'{i}.xml').is_file()]
+        self.targets = _collect(lambda i: self._parse(self.ann_dir/f'{i}.xml'), dict(zip(ids, ids)), errors)
+        self.ids = [i for i in ids if i in self.targets]
+        _raise_all(errors, self)
 
     def _find_root(self, root, data_root): return _root(self.name, root, data_root)
 
     def _parse(self, path: Path) -> dict[str, Any]: return parse_dior_xml(path, self.oriented)
-
-    def _xml(self, i):
-        p = self.ann_dir/f'{i}.xml'
-        if not p.is_file(): raise DataNotFoundError(f'{self.name}: annotation {p} of id {i!r} ({self.split}) not found')
-        return p
 
     def image_path(self, i: str) -> Path:
         for d in self.image_dirs:
@@ -397,10 +498,10 @@ class _VOCDetection(Dataset):
 
     def __getitem__(self, k):
         i = self.ids[k]; p = self.image_path(i)
-        img = image_to_tensor(read_image(p))
+        img = _read_rgb(p)
         t = self.targets[i]
         if t['size'] is not None and tuple(img.shape[1:]) != t['size']:
-            raise DataFormatError(f'{p}: image is {tuple(img.shape[1:])} but its xml says (h, w) = {t["size"]}')
+            raise DataFormatError(f'{p}: image is {tuple(img.shape[1:])} but its xml {self.ann_dir/f"{i}.xml"} says (h, w) = {t["size"]}')
         sample = {'image': img, **{k2: v for k2, v in t.items() if k2 not in ('size', 'filename')}, 'id': i}
         return self.transforms(sample) if self.transforms is not None else sample
 
@@ -439,65 +540,83 @@ register_data_spec(DataSpec(
                'labelTxt archives), extracted into $RSREPRO_DATA/DOTA/',
     is_valid=lambda p: (p/'images').is_dir() or (p/'train'/'images').is_dir() or (p/'val'/'images').is_dir()))
 
-def parse_dota_label(path: str | os.PathLike, dtype: torch.dtype = torch.float32, classes: Sequence[str] | None = None) -> dict[str, Any]:
-    "One DOTA labelTxt file: polygons [N,4,2] (`dtype`; the evaluator reads float64), boxes (hbb), label (index into `classes`, default DOTA v1.0's), difficult, gsd, imagesource."
-    path = Path(path)
-    if not path.is_file(): raise DataNotFoundError(f'DOTA label file not found: {path}')
-    polys, labels, diff, gsd, src = [], [], [], float('nan'), None
-    for ln, line in enumerate(open(path, encoding='utf-8', errors='replace'), 1):
+def _parse_dota(path: Path, dtype: torch.dtype, classes: Sequence[str] | None) -> dict[str, Any]:
+    names = DOTA_CLASSES if classes is None else tuple(classes)
+    what = 'the 15 DOTA v1.0 classes' if classes is None else f'the {len(names)} classes given'
+    polys, labels, diff, lines, gsd, src, errors = [], [], [], [], float('nan'), None, []
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
         s = line.strip()
         if not s: continue
         if s.startswith('imagesource:'): src = s.split(':', 1)[1]; continue
         if s.startswith('gsd:'):
             v = s.split(':', 1)[1].strip()
             try: gsd = float(v) if v and v.lower() not in ('null', 'none') else float('nan')
-            except ValueError: raise DataFormatError(f'{path}:{ln}: bad gsd value {v!r}') from None
+            except ValueError: errors.append(DataFormatError(f'{path}:{ln}: bad gsd value {v!r}'))
             continue
         t = s.split()
         if len(t) not in (9, 10):
-            raise DataFormatError(f'{path}:{ln}: expected "x1 y1 x2 y2 x3 y3 x4 y4 class difficult", got {s!r}')
+            errors.append(DataFormatError(f'{path}:{ln}: expected "x1 y1 x2 y2 x3 y3 x4 y4 class difficult", got {len(t)} '
+                                          f'field(s): {s!r}')); continue
         try: xy = [float(v) for v in t[:8]]; d = int(t[9]) if len(t) == 10 else 0
-        except ValueError: raise DataFormatError(f'{path}:{ln}: non-numeric coordinate or flag: {s!r}') from None
-        names = DOTA_CLASSES if classes is None else tuple(classes)
+        except ValueError: errors.append(DataFormatError(f'{path}:{ln}: non-numeric coordinate or flag: {s!r}')); continue
+        if not all(math.isfinite(v) for v in xy): errors.append(DataFormatError(f'{path}:{ln}: non-finite coordinate: {s!r}')); continue
         if t[8] not in names:
-            what = 'the 15 DOTA v1.0 classes' if classes is None else f'the {len(names)} classes given'
-            raise DataFormatError(f'{path}:{ln}: class {t[8]!r} is not one of {what} {list(names)}')
-        polys.append(xy); labels.append(names.index(t[8])); diff.append(d)
+            errors.append(DataFormatError(f'{path}:{ln}: class {t[8]!r} is not one of {what} {list(names)}')); continue
+        polys.append(xy); labels.append(names.index(t[8])); diff.append(d); lines.append(ln)
+    _raise_all(errors)
     poly = torch.from_numpy(np.asarray(polys, np.float64).reshape(-1, 4, 2)).to(dtype)
     return {'polygons': poly, 'boxes': polygon_to_hbb(poly), 'label': torch.tensor(labels, dtype=torch.long),
-            'difficult': torch.tensor(diff, dtype=torch.bool), 'gsd': gsd, 'imagesource': src}
+            'difficult': torch.tensor(diff, dtype=torch.bool), 'gsd': gsd, 'imagesource': src,
+            'line': torch.tensor(lines, dtype=torch.long)}
+
+def parse_dota_label(path: str | os.PathLike, dtype: torch.dtype = torch.float32, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    "One DOTA labelTxt file: polygons [N,4,2] (`dtype`; the evaluator reads float64), boxes (hbb), label (index into `classes`, default DOTA v1.0's), difficult, gsd, imagesource, line."
+    path = Path(path)
+    if not path.is_file(): raise DataNotFoundError(f'DOTA label file not found: {path}')
+    return _parse_dota(path, dtype, classes)
 
 @DATASETS.register('dota')
 class DOTA(Dataset):
     """DOTA v1.0: `{'image': [3,H,W], 'polygons', 'boxes' (enclosing hbb), 'label', 'difficult', 'gsd', 'id'}`. `classes`
     reads the same layout with another class list (tiles of other datasets written by `rsrepro.rotated.split_reader`)."""
-    name = 'dota'
+    name = 'dota'; check_splits = ('all',)
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'all', transforms: Callable | None = None,
                  data_root: str | os.PathLike | None = None, classes: Sequence[str] | None = None):
         if split not in ('all', 'train', 'val'): raise ValueError(f"dota: split={split!r}; use 'all', 'train' or 'val'")
         self.split, self.transforms = split, transforms
         self.root, self.data_source = _root(self.name, root, data_root)
-        base = self.root if split == 'all' else self.root/split
-        self.image_dir, self.label_dir = base/'images', base/'labelTxt'
-        for d in (self.image_dir, self.label_dir):
-            if not d.is_dir():
-                raise DataNotFoundError(f"dota: {d} not found (split={split!r}); expected <root>/images + labelTxt "
-                                        "for split='all', <root>/<split>/images + labelTxt otherwise")
-        self.ids = sorted(p.stem for p in self.label_dir.glob('*.txt'))
+        parts = [('', self.root if split == 'all' else self.root/split)]
+        if split == 'all' and not any((self.root/d).is_dir() for d in ('images', 'labelTxt')):
+            parts = [(f'{s}/', self.root/s) for s in ('train', 'val') if (self.root/s).is_dir()] or parts
+        self.image_dir, self.label_dir = parts[0][1]/'images', parts[0][1]/'labelTxt'
         self.classes = DOTA_CLASSES if classes is None else tuple(classes)
-        self.targets = {i: parse_dota_label(self.label_dir/f'{i}.txt', classes=classes) for i in self.ids}
+        errors: list[RsreproError] = []; self.files: dict[str, tuple[Path, Path]] = {}; labels = {}
+        for pre, base in parts:
+            img_dir, lab_dir = base/'images', base/'labelTxt'
+            for d in (img_dir, lab_dir):
+                if not d.is_dir():
+                    raise DataNotFoundError(f"dota: {d} not found (split={split!r}); expected <root>/images + labelTxt "
+                                            "(or <root>/train/... and <root>/val/...) for split='all', "
+                                            "<root>/<split>/images + labelTxt otherwise")
+            labs, imgs = {p.stem: p for p in sorted(lab_dir.glob('*.txt'))}, _stems(img_dir)
+            if not labs and not imgs: errors.append(DataNotFoundError(f'{lab_dir}: empty folder, no label files (and no images in {img_dir})'))
+            errors += _pair_errors(labs, imgs, lab_dir, img_dir)
+            labels.update({pre + s: p for s, p in labs.items()})
+            self.files.update({pre + s: (imgs[s], labs[s]) for s in sorted(set(labs) & set(imgs))})
+        self.targets = _collect(lambda p: _parse_dota(p, torch.float32, classes), labels, errors)
+        self.ids = [i for i in self.files if i in self.targets]
+        _raise_all(errors, self)
 
     def __len__(self): return len(self.ids)
 
     def __getitem__(self, k):
-        i = self.ids[k]
-        p = next((self.image_dir/f'{i}{e}' for e in ('.png', '.jpg', '.tif') if (self.image_dir/f'{i}{e}').is_file()), None)
-        if p is None: raise DataNotFoundError(f'dota: image {i}.png not found in {self.image_dir}')
-        a = read_image(p)
-        if a.ndim == 3 and a.shape[2] == 4: a = a[:, :, :3]
-        if a.ndim == 2: a = np.repeat(a[:, :, None], 3, 2)
+        i = self.ids[k]; p, lab = self.files[i]
+        a = check_raster(raster_chw(read_image(p), p), p, bands=(1, 3, 4), dtype=np.uint8)
         t = self.targets[i]
-        sample = {'image': image_to_tensor(a), **{k2: v for k2, v in t.items() if k2 != 'imagesource'}, 'id': i}
+        _check_inside(t['polygons'], a.shape[1], a.shape[2], lambda j: f'{lab}:{int(t["line"][j])}')
+        a = np.repeat(a, 3, 0) if a.shape[0] == 1 else a[:3]
+        sample = {'image': image_to_tensor(a.transpose(1, 2, 0)),
+                  **{k2: v for k2, v in t.items() if k2 not in ('imagesource', 'line')}, 'id': i}
         return self.transforms(sample) if self.transforms is not None else sample
 
     def __repr__(self): return f'DOTA(split={self.split!r}, n={len(self)}, source={self.data_source!r})'
@@ -511,19 +630,15 @@ register_data_spec(DataSpec(
                'Averial-visible-to-infrared-image-translation, Baidu Pan link there); put part 3 in $RSREPRO_DATA/AVIID-3/',
     is_valid=lambda p: (p/'trainA').is_dir() or (p/'testA').is_dir() or (p/'rgb').is_dir()))
 
-_IMG_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
-
-def _stems(d: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in _IMG_EXT} if d.is_dir() else {}
-
 @DATASETS.register('aviid3')
 class AVIID3(Dataset):
     "AVIID-3 RGB-IR pairs for pre-training: `{'image': [4,S,S] (RGB+IR), 'id'}`; `expand=True`: 512 resize, 4 tiles."
-    name = 'aviid3'
+    name = 'aviid3'; check_splits = ('all',)
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'all', transforms: Callable | None = None,
                  modalities: Sequence[str] = ('rgb', 'ir'), expand: bool = False, expand_size: int = 512,
-                 tiles_per_side: int = 2, data_root: str | os.PathLike | None = None):
+                 tiles_per_side: int = 2, data_root: str | os.PathLike | None = None, on_missing: str = 'raise'):
         if split not in ('all', 'train', 'test'): raise ValueError(f"aviid3: split={split!r}; use 'all', 'train' or 'test'")
+        if on_missing not in ('raise', 'skip'): raise ValueError(f"aviid3: on_missing={on_missing!r}; use 'raise' or 'skip'")
         self.modalities = tuple(modalities)
         if not self.modalities or any(m not in ('rgb', 'ir') for m in self.modalities):
             raise ValueError(f"aviid3: modalities={modalities!r}; use a subset of ('rgb', 'ir')")
@@ -538,15 +653,22 @@ class AVIID3(Dataset):
         if not dirs:
             raise DataNotFoundError(f'aviid3: no {" or ".join(f"{s}A/" for s in parts)} folder under {self.root} '
                                     '(assumed layout: trainA/ visible, trainB/ infrared, testA/, testB/; or rgb/ + ir/)')
-        self.pairs: list[tuple[str, Path, Path]] = []
+        self.pairs: list[tuple[str, Path, Path]] = []; errors: list[RsreproError] = []; self.dropped: list[str] = []
         for a, b in dirs:
             ra, rb = _stems(a), _stems(b)
-            only = sorted(set(ra) ^ set(rb))
-            if only:
-                raise DataFormatError(f'aviid3: {len(only)} image(s) without a partner between {a} and {b} '
-                                      f'(e.g. {only[:3]}); every visible image needs an infrared one of the same name')
-            self.pairs += [(f'{a.name}/{s}' if split == 'all' and a.name != 'rgb' else s, ra[s], rb[s]) for s in sorted(ra)]
+            if not ra and not rb:
+                errors.append(DataNotFoundError(f'{a}: empty folder, no visible images (and none in {b})')); continue
+            for s in sorted(set(ra) | set(rb)):
+                lack = [m for m in self.modalities if s not in (ra if m == 'rgb' else rb)]
+                if not lack:
+                    self.pairs.append((f'{a.name}/{s}' if split == 'all' and a.name != 'rgb' else s, ra.get(s), rb.get(s)))
+                    continue
+                have, there, what = (ra[s], b, 'infrared') if s in ra else (rb[s], a, 'visible')
+                if on_missing == 'skip': self.dropped.append(str(have))
+                else: errors.append(DataNotFoundError(f'{have}: no {what} partner {s}.* in {there}'))
+        self.drop_message = drop_warning('aviid3', self.dropped, 'their partner image is missing (on_missing="skip")')
         self.n_tiles = self.tiles_per_side ** 2 if self.expand else 1
+        _raise_all(errors, self)
 
     def __len__(self): return len(self.pairs) * self.n_tiles
 
@@ -555,14 +677,13 @@ class AVIID3(Dataset):
         parts = []
         for m in self.modalities:
             p = pa if m == 'rgb' else pb
-            a = read_image(p)
-            if m == 'rgb':
-                if a.ndim == 2: a = np.repeat(a[:, :, None], 3, 2)
-                a = a[:, :, :3]
-            elif a.ndim == 3: a = a[:, :, 0]
-            parts.append(image_to_tensor(a))
+            a = check_raster(raster_chw(read_image(p), p), p, 'visible' if m == 'rgb' else 'infrared',
+                             bands=(1, 3, 4) if m == 'rgb' else (1, 3), dtype=np.uint8)
+            a = (np.repeat(a, 3, 0) if a.shape[0] == 1 else a[:3]) if m == 'rgb' else a[:1]
+            parts.append(image_to_tensor(a.transpose(1, 2, 0)))
         if len({t.shape[1:] for t in parts}) != 1:
-            raise DataFormatError(f'aviid3: {pa} and {pb} differ in size {[tuple(t.shape) for t in parts]}')
+            raise DataFormatError(f'{pb}: the infrared image is {tuple(parts[-1].shape[1:])} (h, w) but its visible partner '
+                                  f'{pa} is {tuple(parts[0].shape[1:])}')
         return torch.cat(parts, 0)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -590,25 +711,6 @@ def hbb_to_polygon(boxes) -> torch.Tensor:
     if b.ndim != 2 or b.shape[-1] != 4: raise ValueError(f'hbb_to_polygon: expected boxes of shape [N,4], got {tuple(b.shape)}')
     x1, y1, x2, y2 = b.unbind(-1)
     return torch.stack([torch.stack(c, -1) for c in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))], 1)
-
-def _read_rgb(p: Path) -> torch.Tensor:
-    "An image file as float32 `[3,H,W]` in [0,1]: grey repeated, alpha dropped, TIFFs band-planar or interleaved."
-    a = raster_chw(read_image(p), p)
-    if a.shape[0] == 1: a = np.repeat(a, 3, 0)
-    elif a.shape[0] == 4: a = a[:3]
-    elif a.shape[0] != 3: raise DataFormatError(f'{p}: expected an RGB image, got {a.shape[0]} bands (shape {a.shape})')
-    return image_to_tensor(a.transpose(1, 2, 0))
-
-def _check_pairs(name: str, labels: Mapping[str, Path], images: Mapping[str, Path], label_dir: Path, image_dir: Path):
-    "Every annotation file has an image of the same stem and every image an annotation file; else an error naming them."
-    no_img = sorted(set(labels) - set(images))
-    if no_img:
-        raise DataNotFoundError(f'{name}: {len(no_img)} annotation file(s) without an image: {labels[no_img[0]]} has no '
-                                f'{no_img[0]}.<jpg|png|tif> in {image_dir}' + (f' (also {no_img[1:4]})' if len(no_img) > 1 else ''))
-    no_lab = sorted(set(images) - set(labels))
-    if no_lab:
-        raise DataNotFoundError(f'{name}: {len(no_lab)} image(s) without an annotation file: {images[no_lab[0]]} has no '
-                                f'{no_lab[0]}.* in {label_dir}' + (f' (also {no_lab[1:4]})' if len(no_lab) > 1 else ''))
 
 def _check_size(p: Path, img: torch.Tensor, hw: tuple[int, int] | None, ann: Path):
     if hw is not None and tuple(img.shape[1:]) != tuple(hw):
@@ -639,30 +741,33 @@ def parse_ohd_sjtu_label(path: str | os.PathLike, classes: Sequence[str] = OHD_S
     "One OHD-SJTU `rotation_txt` file: polygons [N,4,2], head [N,2], boxes (hbb), label (index in `classes`), difficult."
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f'OHD-SJTU label file not found: {path}')
-    rows, labels, diff = [], [], []
-    for ln, line in enumerate(open(path, encoding='utf-8', errors='replace'), 1):
+    rows, labels, diff, lines, errors = [], [], [], [], []
+    for ln, line in enumerate(_read_text(path).splitlines(), 1):
         s = line.strip()
         if not s or s.startswith(('imagesource:', 'gsd:')): continue     # DOTA-style headers, if any
         t = s.split()
         k = next((j for j, x in enumerate(t) if not _is_number(x)), len(t))
         if k != 10 or len(t) not in (11, 12):
-            raise DataFormatError(f'{path}:{ln}: expected "x1 y1 x2 y2 x3 y3 x4 y4 head_x head_y class [difficult]" '
-                                  f'(10 numbers, the class, an optional flag), got {k} number(s) before '
-                                  f'{"the class" if k < len(t) else "the end of the line"}: {s!r}')
+            errors.append(DataFormatError(f'{path}:{ln}: expected "x1 y1 x2 y2 x3 y3 x4 y4 head_x head_y class [difficult]" '
+                                          f'(10 numbers, the class, an optional flag), got {k} number(s) before '
+                                          f'{"the class" if k < len(t) else "the end of the line"}: {s!r}')); continue
         v = [float(x) for x in t[:10]]
-        if not all(math.isfinite(x) for x in v): raise DataFormatError(f'{path}:{ln}: non-finite coordinate: {s!r}')
+        if not all(math.isfinite(x) for x in v): errors.append(DataFormatError(f'{path}:{ln}: non-finite coordinate: {s!r}')); continue
         try: d = int(t[11]) if len(t) == 12 else 0
-        except ValueError: raise DataFormatError(f'{path}:{ln}: the difficult flag {t[11]!r} is not an integer: {s!r}') from None
+        except ValueError: errors.append(DataFormatError(f'{path}:{ln}: the difficult flag {t[11]!r} is not an integer: {s!r}')); continue
         if t[10] not in classes:
-            raise DataFormatError(f'{path}:{ln}: class {t[10]!r} is not one of the {len(classes)} classes {list(classes)}')
-        rows.append(v); labels.append(list(classes).index(t[10])); diff.append(d)
+            errors.append(DataFormatError(f'{path}:{ln}: class {t[10]!r} is not one of the {len(classes)} classes {list(classes)}')); continue
+        rows.append(v); labels.append(list(classes).index(t[10])); diff.append(d); lines.append(ln)
+    _raise_all(errors)
     a = torch.from_numpy(np.asarray(rows, np.float64).reshape(-1, 10)).to(dtype)
     poly = a[:, :8].reshape(-1, 4, 2).contiguous()
     return {'polygons': poly, 'head': a[:, 8:10].contiguous(), 'boxes': polygon_to_hbb(poly),
-            'label': torch.tensor(labels, dtype=torch.long), 'difficult': torch.tensor(diff, dtype=torch.bool)}
+            'label': torch.tensor(labels, dtype=torch.long), 'difficult': torch.tensor(diff, dtype=torch.bool),
+            'line': torch.tensor(lines, dtype=torch.long)}
 
 class OHDSJTU(Dataset):
     "OHD-SJTU-S or -L (`version`): `{'image': [3,H,W], 'polygons', 'head' [N,2], 'boxes' (enclosing hbb), 'label', 'difficult', 'id'}`."
+    check_splits = ('all',)
     mutdet_use = ('fine-tuning (Table 4): trainval to train, test to evaluate. The code (tools/data/OHD-SJTU/split/'
                   'split_configs/{S,L}_{trainval,test}.json) cuts both into 600x600 patches with a 150-pixel overlap '
                   '(BboxToolkit img_split, field 10 read as the class, field 11 as difficult, the head dropped); '
@@ -681,7 +786,7 @@ class OHDSJTU(Dataset):
         sub = root/f'OHD-SJTU-{v}'
         if sub.is_dir() and not any((root/s).is_dir() for s in ('trainval', 'test')): root = sub   # the OHD-SJTU folder
         self.root = root
-        self.ids: list[str] = []; self.files: dict[str, tuple[Path, Path]] = {}
+        self.files: dict[str, tuple[Path, Path]] = {}; labels: dict[str, Path] = {}; errors: list[RsreproError] = []
         for part in (('trainval', 'test') if split == 'all' else (split,)):
             img_dir, lab_dir = root/part/'images', root/part/'rotation_txt'
             for d in (img_dir, lab_dir):
@@ -689,17 +794,23 @@ class OHDSJTU(Dataset):
                     raise DataNotFoundError(f'{self.name}: {d} not found (split={split!r}); expected <root>/{part}/images '
                                             f'and <root>/{part}/rotation_txt, <root> = OHD-SJTU-{v} or the OHD-SJTU folder above it')
             labs, imgs = {p.stem: p for p in sorted(lab_dir.glob('*.txt'))}, _stems(img_dir)
-            _check_pairs(self.name, labs, imgs, lab_dir, img_dir)
-            for i in sorted(labs):
-                key = f'{part}/{i}' if split == 'all' else i
-                self.ids.append(key); self.files[key] = (imgs[i], labs[i])
-        self.targets = {k: parse_ohd_sjtu_label(lab, self.classes) for k, (_, lab) in self.files.items()}
+            if not labs and not imgs: errors.append(DataNotFoundError(f'{lab_dir}: empty folder, no label files (and no images in {img_dir})'))
+            errors += _pair_errors(labs, imgs, lab_dir, img_dir)
+            pre = f'{part}/' if split == 'all' else ''
+            labels.update({pre + i: p for i, p in labs.items()})
+            self.files.update({pre + i: (imgs[i], labs[i]) for i in sorted(set(labs) & set(imgs))})
+        self.targets = _collect(lambda p: parse_ohd_sjtu_label(p, self.classes), labels, errors)
+        self.ids = [i for i in self.files if i in self.targets]
+        _raise_all(errors, self)
 
     def __len__(self): return len(self.ids)
 
     def __getitem__(self, k):
-        i = self.ids[k]
-        sample = {'image': _read_rgb(self.files[i][0]), **self.targets[i], 'id': i}
+        i = self.ids[k]; p, lab = self.files[i]; t = self.targets[i]
+        img = _read_rgb(p)
+        _check_inside(torch.cat([t['polygons'], t['head'][:, None]], 1), img.shape[1], img.shape[2],
+                      lambda j: f'{lab}:{int(t["line"][j])}')
+        sample = {'image': img, **{k2: v for k2, v in t.items() if k2 != 'line'}, 'id': i}
         return self.transforms(sample) if self.transforms is not None else sample
 
     def __repr__(self): return f'OHDSJTU(version={self.version!r}, split={self.split!r}, n={len(self)}, source={self.data_source!r})'
@@ -769,6 +880,7 @@ def parse_fair1m_xml(path: str | os.PathLike, dtype: torch.dtype = torch.float32
         polys.append(pts[:4]); labels.append(_FAIR1M_INDEX[name])
     size = r.find('size')
     hw = (int(_num(size, 'height', path)), int(_num(size, 'width', path))) if size is not None else None
+    if hw is not None: _check_inside(np.asarray(polys).reshape(-1, 4, 2), *hw, lambda j: f'{path}: object {j} ({FAIR1M_CLASSES[labels[j]]})')
     poly = torch.from_numpy(np.asarray(polys, np.float64).reshape(-1, 4, 2)).to(dtype)
     lab = torch.tensor(labels, dtype=torch.long)
     return {'polygons': poly, 'boxes': polygon_to_hbb(poly), 'label': lab,
@@ -779,6 +891,11 @@ def parse_fair1m_xml(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 class FAIR1M(Dataset):
     "FAIR1M v1.0/v2.0: `{'image': [3,H,W], 'polygons', 'boxes' (enclosing hbb), 'label', 'category', 'difficult', 'id'}`; test: image, id."
     name = 'fair1m'
+
+    @staticmethod
+    def check_splits(root=None) -> tuple[str, ...]:
+        "`rsrepro check-data` reads train and test, and val where the copy has `validation/` (v2.0; v1.0 has none)."
+        return tuple(s for s in FAIR1M_SPLITS if s != 'val' or root is None or (Path(root)/'validation').is_dir())
     mutdet_use = ('pre-training only (RSDet4, Table 8): the images of FAIR1M-2.0 train/part1 and train/part2 (labels '
                   'converted by the authors to DOTA labelTxt, tool not in the repo), cut into 1024x1024 patches without '
                   'overlap (tools/data/FAIR1M/split/split_configs/my_ss_train_part{1,2}.json, written to train_part1 and '
@@ -796,21 +913,26 @@ class FAIR1M(Dataset):
             raise DataNotFoundError(f'fair1m: {base} not found (split={split!r}); expected <root>/train/part<k>/images + '
                                     'labelXml, <root>/validation/images + labelXml, <root>/test/images')
         dirs = sorted(p for p in base.glob('part*') if p.is_dir()) or [base]
-        self.ids: list[str] = []; self.files: dict[str, tuple[Path, Path | None]] = {}
+        self.files: dict[str, tuple[Path, Path | None]] = {}; labels: dict[str, Path] = {}; errors: list[RsreproError] = []
         for d in dirs:
             img_dir = d/'images'
             if (img_dir/'images').is_dir(): img_dir = img_dir/'images'        # archives extracted one level deeper
             if not img_dir.is_dir(): raise DataNotFoundError(f'fair1m: {img_dir} not found (split={split!r})')
             imgs, pre = _stems(img_dir), (f'{d.name}/' if d != base else '')
+            if not imgs and not self.labelled: errors.append(DataNotFoundError(f'{img_dir}: empty folder, no images'))
             if not self.labelled:
-                for i in sorted(imgs): self.ids.append(pre + i); self.files[pre + i] = (imgs[i], None)
+                self.files.update({pre + i: (imgs[i], None) for i in sorted(imgs)})
                 continue
             lab_dir = next((d/n for n in ('labelXml', 'labelXmls') if (d/n).is_dir()), None)
             if lab_dir is None: raise DataNotFoundError(f'fair1m: no labelXml/ (or labelXmls/) folder in {d} (split={split!r})')
             labs = {p.stem: p for p in sorted(lab_dir.glob('*.xml'))}
-            _check_pairs(self.name, labs, imgs, lab_dir, img_dir)
-            for i in sorted(labs): self.ids.append(pre + i); self.files[pre + i] = (imgs[i], labs[i])
-        self.targets = {k: parse_fair1m_xml(lab) for k, (_, lab) in self.files.items() if lab is not None}
+            if not labs and not imgs: errors.append(DataNotFoundError(f'{lab_dir}: empty folder, no xml files (and no images in {img_dir})'))
+            errors += _pair_errors(labs, imgs, lab_dir, img_dir)
+            labels.update({pre + i: p for i, p in labs.items()})
+            self.files.update({pre + i: (imgs[i], labs[i]) for i in sorted(set(labs) & set(imgs))})
+        self.targets = _collect(parse_fair1m_xml, labels, errors)
+        self.ids = [i for i in self.files if not self.labelled or i in self.targets]
+        _raise_all(errors, self)
 
     def __len__(self): return len(self.ids)
 
@@ -820,6 +942,7 @@ class FAIR1M(Dataset):
         if lab is None: sample = {'image': img, 'id': i}
         else:
             t = self.targets[i]; _check_size(p, img, t['size'], lab)
+            if t['size'] is None: _check_inside(t['polygons'], img.shape[1], img.shape[2], lambda j: f'{lab}: object {j}')
             sample = {'image': img, **{k2: v for k2, v in t.items() if k2 not in ('size', 'filename')}, 'id': i}
         return self.transforms(sample) if self.transforms is not None else sample
 

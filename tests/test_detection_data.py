@@ -198,7 +198,7 @@ def test_dior_fixture_classes_and_errors(tmp_path):
     (r/'Annotations/Horizontal Bounding Boxes/11726.xml').write_text(_dior_xml([('tank', (1, 1, 4, 5))], False))
     with pytest.raises(DataFormatError, match=r"11726\.xml: unknown DIOR class 'tank'"): dd.DIOR(root=r, split='test')
     (r/'Annotations/Horizontal Bounding Boxes/11726.xml').write_text('<annotation><object>')
-    with pytest.raises(DataFormatError, match=r'cannot parse .*11726\.xml'): dd.DIOR(root=r, split='test')
+    with pytest.raises(DataFormatError, match=r'11726\.xml: cannot parse the XML'): dd.DIOR(root=r, split='test')
 
 
 # ---------------------------------------------------------------- DOTA
@@ -222,6 +222,7 @@ def test_dota_real_samples():
 
 def test_dota_errors(tmp_path):
     r = tmp_path/'DOTA'; (r/'images').mkdir(parents=True); (r/'labelTxt').mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(r/'images'/'P9.png')
     (r/'labelTxt'/'P9.txt').write_text('imagesource:x\ngsd:null\n0 0 2 0 2 2 0 2 plane 1\n0 0 1 0 1 1 0 1 container-crane 0\n')
     with pytest.raises(DataFormatError, match=r"P9\.txt:4: class 'container-crane'"): dd.DOTA(root=r)
     (r/'labelTxt'/'P9.txt').write_text('0 0 2 0 2 2 0 2 plane 1\n')        # no header lines: accepted
@@ -250,7 +251,7 @@ def test_aviid3_expand(tmp_path):
     # a 480x480 pair (the paper's stated size) is resized to 512 first
     (r/'trainA'/'d.png').unlink(missing_ok=True)
     Image.fromarray(np.zeros((480, 480, 3), np.uint8)).save(r/'trainA'/'d.png')
-    with pytest.raises(DataFormatError, match='without a partner'): dd.AVIID3(root=r, split='train')
+    with pytest.raises(DataNotFoundError, match=r'd\.png: no infrared partner d\.\* in .*trainB'): dd.AVIID3(root=r, split='train')
     Image.fromarray(np.zeros((480, 480), np.uint8)).save(r/'trainB'/'d.png')
     ex = dd.AVIID3(root=r, split='train', expand=True)
     assert ex[2 * 4 + 3]['image'].shape == (4, 256, 256) and ex[2 * 4]['id'] == 'd:t0'

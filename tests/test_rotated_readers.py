@@ -245,11 +245,11 @@ def test_ohd_sjtu_bad_input(roots, tmp_path):
         dd.OHDSJTUL(root=r)
     r = _copy(roots['ohd'], tmp_path, 'OHD_img')
     (r/'OHD-SJTU-L'/'trainval'/'images'/'P0.jpg').unlink()
-    with pytest.raises(DataNotFoundError, match=re.escape(str(lab(r))) + r' has no P0\.<jpg'):
+    with pytest.raises(DataNotFoundError, match=re.escape(str(lab(r))) + r': no image P0\.<jpg'):
         dd.OHDSJTUL(root=r)
     r = _copy(roots['ohd'], tmp_path, 'OHD_lab')
     lab(r).unlink()
-    with pytest.raises(DataNotFoundError, match=r'P0\.jpg has no P0\.\* in .*rotation_txt'):
+    with pytest.raises(DataNotFoundError, match=r'P0\.jpg: no annotation file P0\.\* in .*rotation_txt'):
         dd.OHDSJTUL(root=r)
 
 
@@ -275,11 +275,11 @@ def test_fair1m_bad_input(roots, tmp_path):
         dd.FAIR1M(root=r)
     r = _copy(roots['fair1m'], tmp_path, 'F_xml')
     f = _edit(xml(r), lambda t: t[:len(t) // 2])
-    with pytest.raises(DataFormatError, match='cannot parse ' + re.escape(str(f))):
+    with pytest.raises(DataFormatError, match=re.escape(str(f)) + ': cannot parse the XML'):
         dd.FAIR1M(root=r)
     r = _copy(roots['fair1m'], tmp_path, 'F_img')
     (r/'train'/'part1'/'images'/'2.tif').unlink()
-    with pytest.raises(DataNotFoundError, match=re.escape(str(xml(r))) + r' has no 2\.<jpg'):
+    with pytest.raises(DataNotFoundError, match=re.escape(str(xml(r))) + r': no image 2\.<jpg'):
         dd.FAIR1M(root=r)
     with pytest.raises(DataNotFoundError, match='validation'): dd.FAIR1M(root=r/'train', split='val')
 
@@ -297,7 +297,7 @@ def test_hrrsd_bad_input(roots, tmp_path):
         dd.HRRSD(root=r, split='train')
     r = _copy(roots['hrrsd'], tmp_path, 'H_xml')
     f = _edit(xml(r), lambda t: t.replace('</annotation>', ''))
-    with pytest.raises(DataFormatError, match='cannot parse ' + re.escape(str(f))):
+    with pytest.raises(DataFormatError, match=re.escape(str(f)) + ': cannot parse the XML'):
         dd.HRRSD(root=r, split='trainval')
     r = _copy(roots['hrrsd'], tmp_path, 'H_img')
     (r/'OPT2017'/'JPEGImages'/'00001.jpg').unlink()
