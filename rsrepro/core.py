@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, datetime, functools, hashlib, os, random, subprocess, tempfile, warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -16,9 +16,10 @@ import torch
 warnings.filterwarnings('ignore', message='IProgress not found')
 
 # %% auto #0
-__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems', 'problems_of', 'gather',
-           'drop_warning', 'atomic_write', 'atomic_torch_save', 'seed_everything', 'repo_root', 'code_version',
-           'git_commit', 'utc_now', 'get_device', 'image_batch', 'Registry', 'create_model', 'list_models']
+__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems', 'problems_of', 'collect',
+           'raise_problems', 'gather', 'drop_warning', 'atomic_write', 'atomic_torch_save', 'seed_everything',
+           'repo_root', 'code_version', 'git_commit', 'utc_now', 'get_device', 'image_batch', 'Registry',
+           'create_model', 'list_models']
 
 # %% ../nbs/api/00_core.ipynb #710c9885
 class RsreproError(Exception):
@@ -43,14 +44,33 @@ def problems_of(e: BaseException) -> list[str]:
     "The `path[:line]: what is wrong` lines an rsrepro error carries (several for `DataProblems`)."
     return list(getattr(e, 'problems', None) or [str(e)])
 
+def collect(fn: Callable[[Any], Any], items, errors: list) -> list | dict:
+    """`[fn(x) for x in items]` (for a mapping: `{k: fn(v)}`), leaving out each item on which `fn` raises an
+    `RsreproError`; that error goes to `errors`."""
+    mapping = isinstance(items, Mapping)
+    out = {} if mapping else []
+    for k, x in (items.items() if mapping else enumerate(items)):
+        try: v = fn(x)
+        except RsreproError as e: errors.append(e); continue
+        if mapping: out[k] = v
+        else: out.append(v)
+    return out
+
+def raise_problems(errors, dataset: Any = None) -> None:
+    """Raise the collected `errors`: nothing when there are none, one as it is (its type survives), several as
+    `DataProblems`. A reader that built itself from the good files passes itself as `dataset` (`e.dataset`), so that
+    `rsrepro check-data` goes on to read what it can."""
+    errors = list(errors)
+    if not errors: return
+    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+    if dataset is not None: e.dataset = dataset
+    raise e
+
 def gather(fn: Callable[[Any], Any], items) -> list:
-    "`[fn(x) for x in items]`, except that every `RsreproError` is collected first: one is re-raised, several as `DataProblems`."
-    out, errors = [], []
-    for x in items:
-        try: out.append(fn(x))
-        except RsreproError as e: errors.append(e)
-    if len(errors) == 1: raise errors[0]
-    if errors: raise DataProblems([p for e in errors for p in problems_of(e)])
+    "`[fn(x) for x in items]`, except that every `RsreproError` is collected first and raised together (`raise_problems`)."
+    errors: list = []
+    out = collect(fn, items, errors)
+    raise_problems(errors)
     return out
 
 # %% ../nbs/api/00_core.ipynb #71a63c18

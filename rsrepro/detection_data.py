@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, atomic_write,
-                          drop_warning, problems_of)
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, atomic_write, collect,
+                          drop_warning, problems_of, raise_problems)
 from .data import DataSpec, register_data_spec, resolve_root, find_shared_data, _root_and_source
 from .io import check_raster, image_to_tensor, raster_chw, read_image, write_png, write_tiff
 
@@ -60,21 +60,6 @@ def _read_text(path: Path) -> str:
         raise DataFormatError(f'{path}:{b[:e.start].count(10) + 1}: not UTF-8 text (byte 0x{b[e.start]:02x} at offset '
                               f'{e.start}); the file is corrupt or in another encoding') from None
 
-def _raise_all(errors: Sequence[RsreproError], dataset: Dataset | None = None):
-    "Raise the collected errors (one as it is, several as `DataProblems`), with the reader attached as `e.dataset`."
-    if not errors: return
-    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
-    if dataset is not None: e.dataset = dataset
-    raise e
-
-def _collect(fn: Callable, items: Mapping, errors: list) -> dict:
-    "`{k: fn(v)}` for the items that parse; the `RsreproError` of each one that does not is appended to `errors`."
-    out = {}
-    for k, v in items.items():
-        try: out[k] = fn(v)
-        except RsreproError as e: errors.append(e)
-    return out
-
 def _check_inside(points, h: int, w: int, where: Callable[[int], str]):
     "Raise for every object (`points [N,K,2]`) reaching beyond the `h×w` image by more than `_TOL` of its side."
     p = np.asarray(points, np.float64)
@@ -82,7 +67,7 @@ def _check_inside(points, h: int, w: int, where: Callable[[int], str]):
     p = p.reshape(len(p), -1, 2); x, y = p[..., 0], p[..., 1]
     mx, my = _TOL * w + 1, _TOL * h + 1
     bad = np.nonzero(((x < -mx) | (x > w + mx) | (y < -my) | (y > h + my)).any(-1))[0]
-    _raise_all([DataFormatError(f'{where(j)}: object outside the {w}x{h} image (a corner more than {_TOL:.0%} of the '
+    raise_problems([DataFormatError(f'{where(j)}: object outside the {w}x{h} image (a corner more than {_TOL:.0%} of the '
                                 f'side beyond it): {p[j].round(1).tolist()}') for j in bad])
 
 def _pair_errors(labels: Mapping[str, Path], images: Mapping[str, Path], label_dir: Path, image_dir) -> list[RsreproError]:
@@ -152,7 +137,7 @@ def parse_vedai_annotations(path: str | os.PathLike) -> dict[str, dict[str, np.n
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f'VEDAI annotation file not found: {path}')
     out, errors = _parse_vedai(path)
-    _raise_all(errors)
+    raise_problems(errors)
     return out
 
 def vedai_summary(ann: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
@@ -272,7 +257,7 @@ class VEDAI(Dataset):
         ids = [i for i in where if i not in missing]
         if not keep_empty: ids = [i for i in ids if i in self.annotations]
         self.ids = ids
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def summary(self) -> dict[str, Any]:
         "Counts of the whole annotation file (not only this split): images, objects, kept and dropped per class."
@@ -480,9 +465,9 @@ class _VOCDetection(Dataset):
             errors += [DataNotFoundError(f'{lst}:{ln}: {i} is listed but its annotation {self.ann_dir/f"{i}.xml"} is missing')
                        for i, ln in lines.items() if not (self.ann_dir/f'{i}.xml').is_file()]
             ids = [i for i in lines if (self.ann_dir/f'{i}.xml').is_file()]
-        self.targets = _collect(lambda i: self._parse(self.ann_dir/f'{i}.xml'), dict(zip(ids, ids)), errors)
+        self.targets = collect(lambda i: self._parse(self.ann_dir/f'{i}.xml'), dict(zip(ids, ids)), errors)
         self.ids = [i for i in ids if i in self.targets]
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def _find_root(self, root, data_root): return _root(self.name, root, data_root)
 
@@ -563,7 +548,7 @@ def _parse_dota(path: Path, dtype: torch.dtype, classes: Sequence[str] | None) -
         if t[8] not in names:
             errors.append(DataFormatError(f'{path}:{ln}: class {t[8]!r} is not one of {what} {list(names)}')); continue
         polys.append(xy); labels.append(names.index(t[8])); diff.append(d); lines.append(ln)
-    _raise_all(errors)
+    raise_problems(errors)
     poly = torch.from_numpy(np.asarray(polys, np.float64).reshape(-1, 4, 2)).to(dtype)
     return {'polygons': poly, 'boxes': polygon_to_hbb(poly), 'label': torch.tensor(labels, dtype=torch.long),
             'difficult': torch.tensor(diff, dtype=torch.bool), 'gsd': gsd, 'imagesource': src,
@@ -603,9 +588,9 @@ class DOTA(Dataset):
             errors += _pair_errors(labs, imgs, lab_dir, img_dir)
             labels.update({pre + s: p for s, p in labs.items()})
             self.files.update({pre + s: (imgs[s], labs[s]) for s in sorted(set(labs) & set(imgs))})
-        self.targets = _collect(lambda p: _parse_dota(p, torch.float32, classes), labels, errors)
+        self.targets = collect(lambda p: _parse_dota(p, torch.float32, classes), labels, errors)
         self.ids = [i for i in self.files if i in self.targets]
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def __len__(self): return len(self.ids)
 
@@ -668,7 +653,7 @@ class AVIID3(Dataset):
                 else: errors.append(DataNotFoundError(f'{have}: no {what} partner {s}.* in {there}'))
         self.drop_message = drop_warning('aviid3', self.dropped, 'their partner image is missing (on_missing="skip")')
         self.n_tiles = self.tiles_per_side ** 2 if self.expand else 1
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def __len__(self): return len(self.pairs) * self.n_tiles
 
@@ -758,7 +743,7 @@ def parse_ohd_sjtu_label(path: str | os.PathLike, classes: Sequence[str] = OHD_S
         if t[10] not in classes:
             errors.append(DataFormatError(f'{path}:{ln}: class {t[10]!r} is not one of the {len(classes)} classes {list(classes)}')); continue
         rows.append(v); labels.append(list(classes).index(t[10])); diff.append(d); lines.append(ln)
-    _raise_all(errors)
+    raise_problems(errors)
     a = torch.from_numpy(np.asarray(rows, np.float64).reshape(-1, 10)).to(dtype)
     poly = a[:, :8].reshape(-1, 4, 2).contiguous()
     return {'polygons': poly, 'head': a[:, 8:10].contiguous(), 'boxes': polygon_to_hbb(poly),
@@ -799,9 +784,9 @@ class OHDSJTU(Dataset):
             pre = f'{part}/' if split == 'all' else ''
             labels.update({pre + i: p for i, p in labs.items()})
             self.files.update({pre + i: (imgs[i], labs[i]) for i in sorted(set(labs) & set(imgs))})
-        self.targets = _collect(lambda p: parse_ohd_sjtu_label(p, self.classes), labels, errors)
+        self.targets = collect(lambda p: parse_ohd_sjtu_label(p, self.classes), labels, errors)
         self.ids = [i for i in self.files if i in self.targets]
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def __len__(self): return len(self.ids)
 
@@ -930,9 +915,9 @@ class FAIR1M(Dataset):
             errors += _pair_errors(labs, imgs, lab_dir, img_dir)
             labels.update({pre + i: p for i, p in labs.items()})
             self.files.update({pre + i: (imgs[i], labs[i]) for i in sorted(set(labs) & set(imgs))})
-        self.targets = _collect(parse_fair1m_xml, labels, errors)
+        self.targets = collect(parse_fair1m_xml, labels, errors)
         self.ids = [i for i in self.files if not self.labelled or i in self.targets]
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def __len__(self): return len(self.ids)
 

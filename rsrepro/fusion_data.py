@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, drop_warning, problems_of
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, collect, drop_warning,
+                          problems_of, raise_problems)
 from .data import DataSpec, S2_ALL_BANDS, register_data_spec, _root_and_source
 from .io import check_raster, image_to_tensor, raster_chw, read_bands, read_image
 from .multimodal_data import IGNORE_INDEX
@@ -47,14 +48,6 @@ def load_plain_pickle(path: str | os.PathLike, what: str) -> Any:
         raise DataFormatError(f'{path}: not a plain-data pickle ({what}; {type(e).__name__}: {e})') from e
 
 # %% ../nbs/api/25_fusion_data.ipynb #bc7d2445
-def _keep(fn: Callable[[Any], Any], items, errors: list) -> list:
-    "The items on which `fn` raises no rsrepro error; the errors are appended to `errors` (every bad item, not the first)."
-    out = []
-    for x in items:
-        try: fn(x); out.append(x)
-        except RsreproError as e: errors.append(e)
-    return out
-
 def _with_partners(ds, names, paths_of: Callable[[str], dict], on_missing: str, errors: list, src: str = '') -> list:
     """The names whose files (`paths_of(name)`: modality -> path) all exist. A missing file is a `DataNotFoundError`
     naming it (`on_missing='raise'`) or drops the name (`'skip'`: `ds.dropped`, `ds.drop_message`, a warning)."""
@@ -68,13 +61,6 @@ def _with_partners(ds, names, paths_of: Callable[[str], dict], on_missing: str, 
     ds.dropped = dropped
     ds.drop_message = drop_warning(ds.name, dropped, 'a modality or label file is missing')
     return keep
-
-def _raise_problems(ds, errors: list) -> None:
-    "Raise `errors` (one as is, several as `DataProblems`) with the reader `ds` attached; nothing when there are none."
-    if not errors: return
-    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
-    e.dataset = ds
-    raise e
 
 def _check_on_missing(name: str, on_missing: str) -> None:
     if on_missing not in ('raise', 'skip'): raise ValueError(f"{name}: on_missing={on_missing!r}; use 'raise' or 'skip'")
@@ -175,11 +161,11 @@ class SEN12MS(Dataset):
             if not ids: raise DataFormatError(f'{self.split_file}: the {split} list is empty')
             self.split_source, src = f'official list {self.split_file}', f' (named in {self.split_file})'
         errors: list = []
-        ids = _keep(lambda x: self._check_name(x, src), sorted(x for x in ids if x not in SEN12MS_BROKEN), errors)
-        ids = _keep(lambda x: self._check_label(x, src), ids, errors)
+        ids = collect(lambda x: (self._check_name(x, src), x)[1], sorted(x for x in ids if x not in SEN12MS_BROKEN), errors)
+        ids = collect(lambda x: (self._check_label(x, src), x)[1], ids, errors)
         self.ids = _with_partners(self, ids, lambda x: {k: p for k, p in sen12ms_paths(self.root, x).items()
                                                          if k in self.modalities}, on_missing, errors, src)
-        _raise_problems(self, errors)
+        raise_problems(errors, self)
 
     def _check_name(self, x: str, src: str):
         if not _SEN12MS_NAME.match(x):
@@ -278,12 +264,12 @@ class C2SegBW(Dataset):
         dirs = {m: self.img_dir/m for m in self.modalities} | ({'label': self.ann_dir} if self.has_mask else {})
         absent = [DataNotFoundError(f'{d}: missing folder (c2seg_bw {split}, data source {self.data_source})')
                   for d in dirs.values() if not d.is_dir()]
-        if absent: _raise_problems(None, absent)     # one line for the folder, not one per file in it
+        if absent: raise_problems(absent)     # one line for the folder, not one per file in it
         names = sorted({p.name for d in dirs.values() if d.is_dir() for p in d.iterdir() if p.suffix.lower() in ('.tif', '.tiff')})
         if not names: raise DataNotFoundError(f'{self.img_dir}: no .tif/.tiff file in {", ".join(m for m in dirs)} (empty folders)')
         errors: list = []
         self.ids = _with_partners(self, names, self._paths, on_missing, errors)
-        _raise_problems(self, errors)
+        raise_problems(errors, self)
 
     def _paths(self, n: str) -> dict[str, Path]:
         return {m: self.img_dir/m/n for m in self.modalities} | ({'label': self.ann_dir/n} if self.has_mask else {})
@@ -340,7 +326,7 @@ def _read_list(path: Path) -> list[str]:
     except OSError as e: raise DataFormatError(f'{path}: cannot read the split list ({e})') from e
     bad = [DataFormatError(f'{path}:{k}: {l.strip()[:60]!r} is not one patch name (blank or folder inside)')
            for k, l in enumerate(lines, 1) if l.strip() and re.search(r'[\s/\\]', l.strip())]
-    _raise_problems(None, bad)
+    raise_problems(bad)
     names = [l.strip() for l in lines if l.strip()]
     if not names: raise DataFormatError(f'{path}: the split list names no patch (empty)')
     return names
@@ -380,7 +366,7 @@ class Globe230k(Dataset):
             ids, self.split_source, src = _read_list(f), f'list {f}', f' (named in {f})'
         errors: list = []
         self.ids = _with_partners(self, list(dict.fromkeys(ids)), self._paths, on_missing, errors, src)
-        _raise_problems(self, errors)
+        raise_problems(errors, self)
 
     def _paths(self, n: str) -> dict[str, Path]:
         return {'rgb': self.image_dir/f'{n}.jpg', 'label': self.label_dir/f'{n}.png',

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, drop_warning, gather,
-                          problems_of)
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, drop_warning, gather, problems_of,
+                          raise_problems)
 from .data import DataSpec, register_data_spec, _root_and_source
 from .io import check_raster, image_to_tensor, read_bands, resize_chw, write_tiff
 
@@ -100,16 +100,8 @@ def _check_grid(arrs: dict[str, tuple[np.ndarray, Path]], sid: str, expect: tupl
     hw = tuple(expect) if expect else max(shapes.values(), key=list(shapes.values()).count)
     ref = next((m for m, s in shapes.items() if s == hw), None)
     what = f'the annotation says {hw}' if expect else f'{ref} ({arrs[ref][1]}) is {hw}'
-    _raise_all([DataFormatError(f'{arrs[m][1]}: {m} of {sid!r} is {s} pixels but {what}; all modalities must share '
+    raise_problems([DataFormatError(f'{arrs[m][1]}: {m} of {sid!r} is {s} pixels but {what}; all modalities must share '
                                 'one pixel grid') for m, s in shapes.items() if s != hw])
-
-def _raise_all(errors: list, ds=None) -> None:
-    """Raise `errors` (one as is, several as `DataProblems`), with the reader `ds` attached so that `check_data` can go
-    on reading what was good; nothing when there are none."""
-    if not errors: return
-    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
-    if ds is not None: e.dataset = ds
-    raise e
 
 def _no_inf(a: np.ndarray, p: Path, what: str) -> np.ndarray:
     "`a`, unless it holds ±Inf (NaN is allowed: no-data). The error names the file."
@@ -213,7 +205,7 @@ def load_coco(path: str | os.PathLike, errors: list | None = None) -> tuple[list
             why = _check_segmentation(a['segmentation'], *sizes[iid])
             if why: bad(f'annotation {aid!r} of image_id {iid!r}: {why}'); continue
             if not a.get('iscrowd', 0): anns.setdefault(iid, []).append(a)
-    if errors is None: _raise_all(out)
+    if errors is None: raise_problems(out)
     return images, anns
 
 @DATASETS.register('dfc2023_track2')
@@ -267,7 +259,7 @@ class DFC2023Track2(Dataset):
                                               f'tile={self.tile} does not divide (height/width must be in the json)'))
                 continue
             self.index += [(k, r, c) for r in range(0, h, self.tile) for c in range(0, w, self.tile)]
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def __len__(self) -> int: return len(self.index)
 
@@ -472,7 +464,7 @@ class Quadruplets(Dataset):
                                                    "such samples, as the authors' loader does)") for k, p in lost]
         self.n_skipped = len(self.dropped)
         self.drop_message = drop_warning(self.name, self.dropped, 'a modality or label file is missing')
-        _raise_all(errors, self)
+        raise_problems(errors, self)
 
     def _scan(self, place: str, kinds: list[str], errors: list) -> list[tuple[str, list[tuple[str, Path]]]]:
         """`(s2 path relative to the root, [(modality, missing file)])` for every sample of `place`. Partner files whose
