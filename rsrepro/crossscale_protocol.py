@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 from .core import DataNotFoundError, RsreproError
 from .crossscale import (BIGEARTHNET_MODALITIES, DINOMM, CrossScaleFusionMAE, FusMAE, MultiLabelClassifier,
                                 SatViTMAE, SceneClassifier, Segmenter, load_backbone)
-from .data import S2_BANDS_BEN, BigEarthNetMM, bigearthnet_smoke_samples, collate_multimodal
+from .data import S2_BANDS_BEN, BigEarthNetMM, bigearthnet_smoke_samples, collate_multimodal, resolve_root
 from .fusion_data import C2SEG_BANDS, C2SEG_CLASSES, GLOBE230K_CLASSES, GLOBE230K_EXTRA, C2SegBW, Globe230k, SEN12MS
 from .io import load_weights
 from .metrics import SegmentationMeter, multilabel_map, precision_recall_f1, topk_accuracy
@@ -340,10 +340,13 @@ class CrossscaleExperiment(Experiment):
         "BigEarthNet-MM `split` with `modalities`; in `smoke`, the 30 real sample pairs (read once) when the full data is absent."
         key = (split, tuple(modalities))
         if key in self._samples: return self.use('BigEarthNet-MM', self._samples[key])
-        try: ds = BigEarthNetMM(split=split, modalities=modalities, data_root=self.data_root, version='auto')
+        # Only a dataset that is absent altogether falls back to the samples. A real copy with a missing file raises,
+        # as every reader does: a broken download is never swapped for the samples without a word.
+        try: resolve_root('bigearthnet_mm', data_root=self.data_root)
         except DataNotFoundError:
             if self.profile.require_full_data: raise
             ds = None
+        else: ds = BigEarthNetMM(split=split, modalities=modalities, data_root=self.data_root, version='auto')
         if not self.profile.require_full_data and (ds is None or is_sample_source(ds.data_source)):
             ds = self._samples[key] = InMemory(bigearthnet_smoke_samples(split=split, modalities=modalities))
         return self.use('BigEarthNet-MM', ds)
@@ -574,4 +577,3 @@ def plot_segmentations(images: Sequence, truths: Sequence, predictions: dict[str
     fig.suptitle(title + (' (smoke: not comparable)' if smoke else ''), fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     return fig
-

@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/08_data.ipynb #2f008e73
 from __future__ import annotations
-import bz2, csv, importlib.metadata, importlib.util, json, os, re, shutil, tarfile, tempfile, warnings
+import bz2, csv, importlib.metadata, importlib.util, json, math, os, re, shutil, tarfile, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import DATASETS, DataFormatError, DataNotFoundError, RsreproError
-from .io import RESAMPLE_MODES, footprint_mask, image_format, read_geotiff_grid, read_image, resample_band
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, drop_warning,
+                   gather, problems_of)
+from .io import (RESAMPLE_MODES, check_raster, footprint_mask, image_format, raster_chw, read_geotiff_grid, read_image,
+                 resample_band)
 
 # %% auto #0
 __all__ = ['DATA_SPECS', 'BIGEARTHNET_43_TO_19', 'BIGEARTHNET43_LABELS', 'BIGEARTHNET19_LABELS', 'S2_BANDS_BEN', 'S1_BANDS_BEN',
@@ -293,13 +295,22 @@ register_data_spec(DataSpec(
 # %% ../nbs/api/08_data.ipynb #9ca198fc
 _BEN_SPLIT_FILES = {'train': 'train', 'val': 'val', 'validation': 'val', 'test': 'test'}
 
-def _read_name_list(path: Path) -> list[str]:
+def _read_name_list(path: Path) -> dict[str, int]:
+    "Patch name -> line number of a split list (first column; blank lines skipped)."
     opener = bz2.open if path.suffix == '.bz2' else open
     try:
-        with opener(path, 'rt', newline='') as f:
-            return [r[0].strip() for r in csv.reader(f) if r and r[0].strip()]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataFormatError(f'cannot read split list {path}: {e}') from e
+        with opener(path, 'rt', newline='', encoding='utf-8') as f:
+            return {r[0].strip(): n for n, r in enumerate(csv.reader(f), 1) if r and r[0].strip()}
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+        raise DataFormatError(f'{path}: cannot read the split list: {type(e).__name__}: {e}') from e
+
+def _split_list(root: Path, stem: str) -> tuple[Path | None, bool]:
+    "The split list `stem` and whether it is the user's (in the root) rather than the package's copy."
+    for c in (root/f'{stem}.csv', root/'splits'/f'{stem}.csv'):
+        if c.is_file(): return c, True
+    pkg = package_dir('bigearthnet_common')
+    c = pkg/f'{stem}.csv.bz2' if pkg is not None else None
+    return (c, False) if c is not None and c.is_file() else (None, False)
 
 def bigearthnet_split_names(root: Path, split: str) -> tuple[set[str] | None, str]:
     "The S2 patch names of `split` and where the list came from; `(None, reason)` when no list is found."
@@ -307,20 +318,41 @@ def bigearthnet_split_names(root: Path, split: str) -> tuple[set[str] | None, st
     if split not in _BEN_SPLIT_FILES:
         raise ValueError(f"bigearthnet_mm: split={split!r}; use 'train', 'val', 'test' or 'all'")
     stem = _BEN_SPLIT_FILES[split]
-    cands = [root/f'{stem}.csv', root/'splits'/f'{stem}.csv']
+    c, _ = _split_list(root, stem)
+    if c is not None: return set(_read_name_list(c)), f'official list {c}'
     pkg = package_dir('bigearthnet_common')
-    if pkg is not None: cands.append(pkg/f'{stem}.csv.bz2')
-    for c in cands:
-        if c.is_file(): return set(_read_name_list(c)), f'official list {c}'
+    cands = [root/f'{stem}.csv', root/'splits'/f'{stem}.csv'] + ([pkg/f'{stem}.csv.bz2'] if pkg else [])
     return None, f'no split list found ({", ".join(map(str, cands))}): all patches used for split={split!r}'
 
 # %% ../nbs/api/08_data.ipynb #47e58dc7
 def _read_json(path: Path) -> dict:
     try:
-        with open(path) as f: return json.load(f)
-    except FileNotFoundError as e: raise DataNotFoundError(f'missing metadata file {path}') from e
+        with open(path, encoding='utf-8') as f: d = json.load(f)
+    except FileNotFoundError as e: raise DataNotFoundError(f'{path}: missing metadata file') from e
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFormatError(f'cannot parse {path} as JSON: {e}') from e
+        raise DataFormatError(f'{path}: cannot parse as JSON: {e}') from e
+    if not isinstance(d, dict): raise DataFormatError(f'{path}: a JSON {type(d).__name__}, expected an object')
+    return d
+
+def _same_grid(meta1: dict, f1: Path, meta2: dict, f2: Path, tol: float = 10.0) -> None:
+    "The S1 json `f1` and the S2 json `f2` give the same upper-left corner (within one 10 m pixel) in the same projection."
+    c1, c2 = meta1.get('coordinates') or {}, meta2.get('coordinates') or {}
+    if meta1.get('projection') != meta2.get('projection'): return      # not comparable as numbers
+    off = {k: c1[k] - c2[k] for k in ('ulx', 'uly') if k in c1 and k in c2 and abs(c1[k] - c2[k]) > tol}
+    if off: raise DataFormatError(f'{f1}: the S1 patch is not on the grid of its S2 partner ({f2}): the upper-left '
+                                  f'corner differs by {off} m')
+
+def _ben_meta(path: Path) -> dict:
+    "A v1 `*_labels_metadata.json`, checked: a `labels` list of strings, numeric finite `coordinates`."
+    meta = _read_json(path)
+    labels = meta.get('labels')
+    if not isinstance(labels, list) or not all(isinstance(l, str) for l in labels):
+        raise DataFormatError(f'{path}: no "labels" list of class names' + (f' (got {labels!r})' if 'labels' in meta else ''))
+    c = meta.get('coordinates', {})
+    bad = {k: v for k, v in c.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)} \
+        if isinstance(c, dict) else c
+    if bad: raise DataFormatError(f'{path}: "coordinates" not numeric and finite: {bad!r}')
+    return meta
 
 def labels_to_vector(labels: Sequence[str], scheme: str = '19', source: str = '', names: str = '43') -> torch.Tensor:
     "Multi-hot float32 vector of BigEarthNet `labels` (43-class names, or 19-class names with `names='19'`) in scheme '19' or '43'."
@@ -385,16 +417,17 @@ def read_benv2_metadata(path: str | os.PathLike) -> list[dict]:
     "The rows of a BigEarthNet v2 metadata parquet file as dicts; errors name the file."
     path = Path(path)
     pq = optional_import('pyarrow.parquet', 'pyarrow==26.0.1', 'BigEarthNet v2 metadata')
-    if not path.is_file(): raise DataNotFoundError(f'BigEarthNet v2 metadata file not found: {path}')
+    if not path.is_file(): raise DataNotFoundError(f'{path}: BigEarthNet v2 metadata file not found')
     try: t = pq.read_table(path)
-    except Exception as e: raise DataFormatError(f'cannot read {path} as Parquet: {type(e).__name__}: {e}') from e
+    except Exception as e: raise DataFormatError(f'{path}: cannot read as Parquet: {type(e).__name__}: {e}') from e
     missing = [c for c in _BENV2_COLUMNS if c not in t.column_names]
     if missing: raise DataFormatError(f'{path}: no column(s) {missing}; has {t.column_names}')
     keep = [c for c in t.column_names if not c.startswith('__')]
     rows = t.select(keep).to_pylist()
-    for r in rows:
-        if not isinstance(r['patch_id'], str) or not isinstance(r['labels'], list):
-            raise DataFormatError(f'{path}: row {r.get("patch_id")!r} has no patch_id string or labels list')
+    bad = [f'{path}: row {n} ({r.get("patch_id")!r}) has no patch_id / s1_name string or labels list of strings'
+           for n, r in enumerate(rows) if not (isinstance(r['patch_id'], str) and isinstance(r['s1_name'], str)
+                                               and isinstance(r['labels'], list) and all(isinstance(l, str) for l in r['labels']))]
+    if bad: raise DataProblems(bad) if len(bad) > 1 else DataFormatError(bad[0])
     return rows
 
 _LMDB_ENVS: dict[str, Any] = {}   # one environment per folder and process (LMDB refuses to open one twice)
@@ -408,16 +441,38 @@ def _close_inherited_envs():
 
 if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_inherited_envs)
 
+def _open_lmdb(path: Path):
+    """Open the LMDB folder `path` read-only; a `data.mdb` shorter than its own header says (a truncated download, which
+    LMDB would map and crash on with SIGBUS when reading past its end) is a `DataFormatError`."""
+    lmdb = optional_import('lmdb', 'lmdb==3.0.0', 'BigEarthNet v2 (LMDB)')
+    try: env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as e: raise DataFormatError(f'{path}: cannot open as an LMDB environment: {e}') from e
+    need, have = (env.info()['last_pgno'] + 1) * env.stat()['psize'], os.path.getsize(path/'data.mdb')
+    if have < need:
+        env.close()
+        raise DataFormatError(f'{path/"data.mdb"}: {have} bytes, its header says {need}: the LMDB is truncated')
+    return env
+
 class BENv2LMDB:
     "Read-only access to the BigEarthNet v2 LMDB: `get(key)` -> {band: array}; opened lazily, once per process."
     def __init__(self, path: str | os.PathLike): self.path = Path(path)
     def _open(self):
-        lmdb = optional_import('lmdb', 'lmdb==3.0.0', 'BigEarthNet v2 (LMDB)')
+        optional_import('lmdb', 'lmdb==3.0.0', 'BigEarthNet v2 (LMDB)')     # a clear message even when one is open
         key = str(self.path.resolve())
-        if key not in _LMDB_ENVS:
-            try: _LMDB_ENVS[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
-            except lmdb.Error as e: raise DataFormatError(f'cannot open {self.path} as an LMDB environment: {e}') from e
+        if key not in _LMDB_ENVS: _LMDB_ENVS[key] = _open_lmdb(self.path)
         return _LMDB_ENVS[key]
+    def missing(self, keys: Sequence[str]) -> set[str]:
+        "The `keys` that are not in the LMDB (key look-ups only, no value read; an environment opened just for this)."
+        lmdb = optional_import('lmdb', 'lmdb==3.0.0', 'BigEarthNet v2 (LMDB)')
+        env = _LMDB_ENVS.get(str(self.path.resolve()))
+        own = None if env else _open_lmdb(self.path)
+        try:
+            with (env or own).begin(buffers=True) as tx:
+                cur = tx.cursor()
+                return {k for k in keys if not cur.set_key(k.encode())}
+        except lmdb.Error as e: raise DataFormatError(f'{self.path}: cannot read the LMDB: {e}') from e
+        finally:
+            if own is not None: own.close()
     def get(self, key: str) -> dict[str, np.ndarray]:
         with self._open().begin() as tx: v = tx.get(key.encode())
         if v is None: raise DataFormatError(f'{self.path}: no LMDB key {key!r} (named in the metadata, missing in the LMDB)')
@@ -427,12 +482,12 @@ class BENv2LMDB:
             raise DataFormatError(f'{self.path}: the value of key {key!r} is not a safetensors file: '
                                   f'{type(e).__name__}: {e}') from e
 
-def _band_from(arrays: dict, band: str, shape: tuple[int, int], where: str) -> np.ndarray:
-    "Band `band` of a v2 safetensors record, checked to be 2-D of `shape`."
+def _band_from(arrays: dict, band: str, shape: tuple[int, int], where: str, dtype=None) -> np.ndarray:
+    "Band `band` of a v2 safetensors record, checked to be 2-D of `shape` and `dtype`, without NaN or Inf."
     if band not in arrays: raise DataFormatError(f'{where}: no band {band!r}; the record holds {sorted(arrays)}')
     a = np.asarray(arrays[band])
     if a.shape != shape: raise DataFormatError(f'{where}: band {band} has shape {a.shape}, expected {shape}')
-    return a
+    return check_raster(a[None], where, f'{band} band', dtype=dtype)[0]
 
 # %% ../nbs/api/08_data.ipynb #3e693597
 @DATASETS.register('bigearthnet_mm')
@@ -440,10 +495,17 @@ class BigEarthNetMM(Dataset):
     "BigEarthNet-MM (v1 folders or v2 LMDB): Sentinel-1 (VV, VH) + Sentinel-2 (12 bands at 120×120), multi-hot labels."
     name = 'bigearthnet_mm'
     default_version = 'auto'
+    check_splits = ('all',)     # check-data: every patch once; split='all' also checks the root's split lists
+
+    @staticmethod
+    def check_kwargs(root=None) -> dict:
+        "`rsrepro check-data` also reads v2's snow/cloud patches when the root has their metadata."
+        return {'snow_cloud': True} if root is not None and (Path(root)/BENV2_SNOW_CLOUD).is_file() else {}
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
                  modalities: Sequence[str] = ('s1', 's2'), label_scheme: str = '19', normalize: bool | dict = True,
                  s2_bands: Sequence[str] = S2_BANDS_BEN, resample: str = 'bilinear',
-                 data_root: str | os.PathLike | None = None, version: str | None = None, snow_cloud: bool = False):
+                 data_root: str | os.PathLike | None = None, version: str | None = None, snow_cloud: bool = False,
+                 on_missing: str = 'raise'):
         self.modalities = tuple(modalities)
         if not self.modalities or set(self.modalities) - {'s1', 's2'}:
             raise ValueError(f"bigearthnet_mm: modalities={modalities!r}; use a non-empty subset of ('s1', 's2')")
@@ -451,10 +513,12 @@ class BigEarthNetMM(Dataset):
         bad = [b for b in s2_bands if b not in S2_BANDS_BEN]
         if bad: raise ValueError(f'bigearthnet_mm: s2_bands {bad} not in BigEarthNet; available {S2_BANDS_BEN}')
         if resample not in RESAMPLE_MODES: raise ValueError(f'resample={resample!r}; use one of {RESAMPLE_MODES}')
+        if on_missing not in ('raise', 'skip'): raise ValueError(f"{self.name}: on_missing={on_missing!r}; use 'raise' or 'skip'")
         version = version or self.default_version
         if version not in ('auto', 'v1', 'v2'): raise ValueError(f"version={version!r}; use 'auto', 'v1' or 'v2'")
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
         self.s2_bands, self.resample, self.snow_cloud = tuple(s2_bands), resample, bool(snow_cloud)
+        self.on_missing = on_missing
         self.classes = BIGEARTHNET19_LABELS if label_scheme == '19' else BIGEARTHNET43_LABELS
         self.root, self.data_source = _root_and_source('bigearthnet_v2' if version == 'v2' else 'bigearthnet_mm',
                                                        root, data_root)
@@ -466,58 +530,127 @@ class BigEarthNetMM(Dataset):
                                     f'{BEN_S1_DIRS[0]}/ (v1) or {BENV2_LMDB_DIR}/ + {BENV2_METADATA} (v2)')
         self.version = found
         self._set_norm(normalize)
-        if self.version == 'v2': self._index_v2()
-        else: self._index_v1()
+        self.dropped: list[str] = []
+        errors: list[RsreproError] = []
+        if self.version == 'v2': self._index_v2(errors)
+        else: self._index_v1(errors)
+        self.drop_message = drop_warning(self.name, self.dropped, 'a file or partner patch is missing (on_missing="skip")')
+        if errors:     # the reader is built from the good patches: check-data goes on reading them
+            e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+            e.dataset = self
+            raise e
         if not self.ids:
             warnings.warn(f'bigearthnet_mm: split {split!r} is empty under {self.root} ({self.split_source})',
                           stacklevel=2)
 
-    def _index_v1(self):
+    def _keep_complete(self, names: Sequence[str], lost: dict[str, list], errors: list) -> list[str]:
+        "`names` less those in `lost` (name -> its errors): dropped with `on_missing='skip'`, else their errors kept."
+        keep = []
+        for n in names:
+            if n not in lost: keep.append(n)
+            elif self.on_missing == 'skip': self.dropped.append(n)
+            else: errors += lost[n]
+        return keep
+
+    def _files_v1(self, name: str, s1: str | None) -> list[Path]:
+        "The files patch `name` (S1 partner `s1`) needs."
+        out = []
+        if 's2' in self.modalities:
+            d = self.s2_dir/name
+            out += [d/f'{name}_{b}.tif' for b in self.s2_bands] + [d/f'{name}_labels_metadata.json']
+        if 's1' in self.modalities and s1:
+            d = self.s1_dir/s1
+            out += [d/f'{s1}_{b}.tif' for b in S1_BANDS_BEN] + [d/f'{s1}_labels_metadata.json']
+        return out
+
+    def _index_v1(self, errors: list):
         if self.snow_cloud: raise ValueError('snow_cloud=True applies to BigEarthNet v2 only (v1 has no such file)')
         self.s1_dir, self.s2_dir = _first_dir(self.root, BEN_S1_DIRS), _first_dir(self.root, BEN_S2_DIRS)
         for m, d, names in (('s1', self.s1_dir, BEN_S1_DIRS), ('s2', self.s2_dir, BEN_S2_DIRS)):
             if m in self.modalities and d is None:
                 raise DataNotFoundError(f'bigearthnet_mm: modality {m!r} needs one of {list(names)} under '
                                         f'{self.root} (data source {self.data_source}); not found')
-        s2_to_s1 = self._pair_s1() if 's1' in self.modalities else {}
+            if m in self.modalities and not any(p.is_dir() for p in d.iterdir()):
+                raise DataNotFoundError(f'{d}: no patch folders (empty; expected <patch>/<patch>_*.tif and '
+                                        '<patch>_labels_metadata.json)')
+        s2_to_s1 = self._pair_s1(errors) if 's1' in self.modalities else {}
+        lost: dict[str, list] = {}
         if 's2' in self.modalities:
             names = sorted(p.name for p in self.s2_dir.iterdir() if p.is_dir())
             if 's1' in self.modalities:
-                lost = [n for n in names if n not in s2_to_s1]
-                if lost: raise DataFormatError(f'bigearthnet_mm: {len(lost)} S2 patches in {self.s2_dir} have no '
-                                               f'S1 partner in {self.s1_dir} (e.g. {lost[:3]})')
+                for n in names:
+                    if n not in s2_to_s1:
+                        lost[n] = [DataNotFoundError(f'{self.s2_dir/n}: no S1 partner patch in {self.s1_dir} '
+                                                     f"({self.pairing_source} names none; on_missing='skip' drops it)")]
+                    elif not (self.s1_dir/s2_to_s1[n]).is_dir():     # a mapping file names a folder that is not there
+                        lost[n] = [DataNotFoundError(f'{self.s1_dir/s2_to_s1[n]}: missing S1 partner of S2 patch {n} '
+                                                     f"({self.pairing_source}; on_missing='skip' drops it)")]
+                have = set(names)
+                for n, s1 in s2_to_s1.items():
+                    if n not in have and (self.s1_dir/s1).is_dir():
+                        lost[n] = [DataNotFoundError(f'{self.s1_dir/s1}: its S2 partner {self.s2_dir/n} is missing')]
         else: names = sorted(s2_to_s1)
         keep, self.split_source = bigearthnet_split_names(self.root, self.split)
         if keep is None and self.split != 'all':
             warnings.warn(f'bigearthnet_mm: {self.split_source}', stacklevel=3)
-        self.ids = [n for n in names if keep is None or n in keep]
+        # the root's own split lists must name patches that are there (the package's copies list the whole archive,
+        # of which a root may hold a part: those only select)
+        have, where = set(names), self.s2_dir if 's2' in self.modalities else self.s1_dir
+        for stem in (sorted(set(_BEN_SPLIT_FILES.values())) if self.split == 'all' else [_BEN_SPLIT_FILES[self.split]]):
+            lst, own = _split_list(self.root, stem)
+            if not own: continue
+            for n, line in _read_name_list(lst).items():
+                if n not in have and n not in lost:
+                    lost[n] = [DataNotFoundError(f'{lst}:{line}: patch {n!r} is not in {where}')]
+        ids = sorted(n for n in have | set(lost) if keep is None or n in keep)
+        for n in ids:       # every file a patch needs is there (one folder listing per patch)
+            if n in lost: continue
+            files = self._files_v1(n, s2_to_s1.get(n))
+            listed = {d: set(os.listdir(d)) if d.is_dir() else set() for d in {f.parent for f in files}}
+            gone = [f for f in files if f.name not in listed[f.parent]]
+            if gone: lost[n] = [DataNotFoundError(f"{f}: missing file of patch {n} (on_missing='skip' drops such "
+                                                  'patches)') for f in gone]
+        self.ids = self._keep_complete(ids, lost, errors)
         self.s1_ids = [s2_to_s1.get(n) for n in self.ids]
 
-    def _index_v2(self):
+    def _index_v2(self, errors: list):
         if self.label_scheme != '19':
             raise ValueError('bigearthnet_mm: BigEarthNet v2 has 19-class labels only; use label_scheme="19"')
         if self.split != 'all' and self.split not in _BENV2_SPLITS:
             raise ValueError(f"bigearthnet_mm: split={self.split!r}; use 'train', 'val', 'test' or 'all'")
         files = [self.root/BENV2_METADATA] + ([self.root/BENV2_SNOW_CLOUD] if self.snow_cloud else [])
         rows, self._v2_labels = [], {}
-        for f in files:
-            for r in read_benv2_metadata(f):
-                if r['patch_id'] in self._v2_labels:
-                    raise DataFormatError(f'{f}: patch {r["patch_id"]!r} is listed twice (also in {self._v2_labels[r["patch_id"]][1]})')
+        for f, table in zip(files, gather(read_benv2_metadata, files)):
+            for r in table:
+                pid = r['patch_id']
+                if pid in self._v2_labels:
+                    errors.append(DataFormatError(f'{f}: patch {pid!r} is listed twice (also in {self._v2_labels[pid][1]})'))
+                    continue
                 unknown = [l for l in r['labels'] if l not in BIGEARTHNET19_LABELS]
-                if unknown: raise DataFormatError(f'{f}: patch {r["patch_id"]!r} has labels {unknown} that are not '
-                                                  'BigEarthNet-19 classes')
+                if unknown:
+                    errors.append(DataFormatError(f'{f}: patch {pid!r} has labels {unknown} that are not '
+                                                  'BigEarthNet-19 classes'))
+                    continue
                 if not self.snow_cloud and (r.get('contains_seasonal_snow') or r.get('contains_cloud_or_shadow')):
                     continue    # as configilm's BENv2DataSet: snowy / cloudy patches only on request
-                self._v2_labels[r['patch_id']] = (list(r['labels']), f)
+                self._v2_labels[pid] = (list(r['labels']), f)
                 rows.append(r)
         if self.split != 'all': rows = [r for r in rows if r['split'] == _BENV2_SPLITS[self.split]]
         rows.sort(key=lambda r: r['patch_id'])
-        self.ids, self.s1_ids = [r['patch_id'] for r in rows], [r['s1_name'] for r in rows]
         self.split_source = (f"'split' column of {', '.join(map(str, files))}" if self.split != 'all'
                              else 'all patches (split="all")')
         self.pairing_source = f"'s1_name' column of {', '.join(map(str, files))}"
         self.lmdb = BENv2LMDB(self.root/BENV2_LMDB_DIR)
+        # every patch the metadata names has its records in the LMDB (key look-ups only)
+        need = {r['patch_id']: ([('S2', r['patch_id'])] if 's2' in self.modalities else [])
+                + ([('S1', r['s1_name'])] if 's1' in self.modalities else []) for r in rows}
+        absent = self.lmdb.missing([k for ks in need.values() for _, k in ks])
+        lost = {pid: [DataNotFoundError(f'{self._v2_labels[pid][1]}: patch {pid!r}: its {m} record {k!r} is not in '
+                                        f"{self.lmdb.path} (on_missing='skip' drops such patches)") for m, k in ks if k in absent]
+                for pid, ks in need.items() if any(k in absent for _, k in ks)}
+        s1_of = {r['patch_id']: r['s1_name'] for r in rows}
+        self.ids = self._keep_complete([r['patch_id'] for r in rows], lost, errors)
+        self.s1_ids = [s1_of[n] for n in self.ids]
 
     def _set_norm(self, normalize):
         if normalize is True:
@@ -529,78 +662,89 @@ class BigEarthNetMM(Dataset):
         self.norm = {k: (torch.tensor(m, dtype=torch.float32)[:, None, None],
                          torch.tensor(s, dtype=torch.float32)[:, None, None]) for k, (m, s) in self.norm.items()}
 
-    def _pair_s1(self) -> dict[str, str]:
+    def _pair_s1(self, errors: list) -> dict[str, str]:
         for f in (self.root/'s1s2_mapping.csv', self.root/'splits'/'s1s2_mapping.csv'):
             if f.is_file():
                 out = {}
-                with open(f, newline='') as fh:
-                    for row in csv.reader(fh):
-                        row = [c.strip() for c in row]
-                        s1 = next((c for c in row if c.startswith('S1')), None)
-                        s2 = next((c for c in row if c.startswith('S2')), None)
-                        if s1 and s2: out[s2] = s1
+                try:
+                    with open(f, newline='', encoding='utf-8') as fh: rows = list(csv.reader(fh))
+                except (OSError, UnicodeDecodeError, csv.Error) as e:
+                    raise DataFormatError(f'{f}: cannot read the S1/S2 mapping: {type(e).__name__}: {e}') from e
+                for row in rows:
+                    row = [c.strip() for c in row]
+                    s1 = next((c for c in row if c.startswith('S1')), None)
+                    s2 = next((c for c in row if c.startswith('S2')), None)
+                    if s1 and s2: out[s2] = s1
                 self.pairing_source = f'mapping file {f}'
                 return out
         out = {}
-        for p in sorted(q for q in self.s1_dir.iterdir() if q.is_dir()):
-            meta = _read_json(p/f'{p.name}_labels_metadata.json')
-            s2 = meta.get('corresponding_s2_patch')
-            if not s2: raise DataFormatError(f'{p}/{p.name}_labels_metadata.json has no corresponding_s2_patch')
-            out[s2] = p.name
         self.pairing_source = f'corresponding_s2_patch of the S1 jsons in {self.s1_dir}'
+        for p in sorted(q for q in self.s1_dir.iterdir() if q.is_dir()):
+            f = p/f'{p.name}_labels_metadata.json'
+            try: s2 = _read_json(f).get('corresponding_s2_patch')
+            except RsreproError as e: errors.append(e); continue
+            if not isinstance(s2, str) or not s2:
+                errors.append(DataFormatError(f'{f}: no "corresponding_s2_patch" name')); continue
+            if s2 in out: errors.append(DataFormatError(f'{f}: S2 patch {s2!r} is also the partner of {out[s2]}')); continue
+            out[s2] = p.name
         return out
 
     def __len__(self) -> int: return len(self.ids)
 
-    def _read_band(self, path: Path, expect: tuple[int, int] | None = None) -> np.ndarray:
+    def _read_band(self, path: Path, side: int, dtype, what: str) -> np.ndarray:
+        "One band file, fully decoded and checked: one band of `side`×`side` pixels of `dtype`, no NaN or Inf."
         a = read_image(path)
-        if a.ndim != 2: raise DataFormatError(f'{path}: expected a single-band image, got shape {a.shape}')
-        if expect and a.shape != expect:
-            raise DataFormatError(f'{path}: shape {a.shape}, expected {expect} for this band')
-        return a
+        a = a[None] if a.ndim == 2 else raster_chw(a, path)
+        return check_raster(a, path, what, size=side, bands=1, dtype=dtype)[0]
 
     def load_s2(self, name: str) -> torch.Tensor:
         "The S2 bands of patch `name` at 120×120, float32 DN (not normalised), in `s2_bands` order."
         if self.version == 'v2':
             rec, where = self.lmdb.get(name), f'{self.lmdb.path} (key {name!r})'
-            bands = [_band_from(rec, b, (_BEN_SIDE[b],) * 2, where) for b in self.s2_bands]
+            bands = gather(lambda b: _band_from(rec, b, (_BEN_SIDE[b],) * 2, where, np.uint16), self.s2_bands)
         else:
             d = self.s2_dir/name
-            bands = [self._read_band(d/f'{name}_{b}.tif', (_BEN_SIDE[b],) * 2) for b in self.s2_bands]
+            bands = gather(lambda b: self._read_band(d/f'{name}_{b}.tif', _BEN_SIDE[b], np.uint16, f'S2 {b} band'),
+                           self.s2_bands)
         return torch.from_numpy(np.stack([resample_band(a, (120, 120), self.resample) for a in bands]))
 
     def load_s1(self, name: str) -> torch.Tensor:
         "The S1 bands (VV, VH) of S1 patch `name`, float32 dB, 120×120."
         if self.version == 'v2':
             rec, where = self.lmdb.get(name), f'{self.lmdb.path} (key {name!r})'
-            bands = [_band_from(rec, b, (120, 120), where) for b in S1_BANDS_BEN]
+            bands = gather(lambda b: _band_from(rec, b, (120, 120), where, np.float32), S1_BANDS_BEN)
         else:
             d = self.s1_dir/name
-            bands = [self._read_band(d/f'{name}_{b}.tif', (120, 120)) for b in S1_BANDS_BEN]
+            bands = gather(lambda b: self._read_band(d/f'{name}_{b}.tif', 120, np.float32, f'S1 {b} band'), S1_BANDS_BEN)
         return torch.from_numpy(np.stack([a.astype(np.float32) for a in bands]))
 
     def _labels(self, name: str, s1: str | None) -> torch.Tensor:
         if self.version == 'v2':
             labels, f = self._v2_labels[name]
             return labels_to_vector(labels, '19', f'{f} (patch {name})', names='19')
-        if 's2' in self.modalities: meta_file = self.s2_dir/name/f'{name}_labels_metadata.json'
-        else: meta_file = self.s1_dir/s1/f'{s1}_labels_metadata.json'
-        meta = _read_json(meta_file)
-        if 'labels' not in meta: raise DataFormatError(f'{meta_file} has no "labels" field')
-        return labels_to_vector(meta['labels'], self.label_scheme, str(meta_file))
+        jsons = ([('s2', self.s2_dir/name/f'{name}_labels_metadata.json')] if 's2' in self.modalities else []) + \
+                ([('s1', self.s1_dir/s1/f'{s1}_labels_metadata.json')] if 's1' in self.modalities else [])
+        def one(mf):
+            m, f = mf
+            meta = _ben_meta(f)
+            if m == 's1' and meta.get('corresponding_s2_patch') != name:
+                raise DataFormatError(f'{f}: corresponding_s2_patch is {meta.get("corresponding_s2_patch")!r}, '
+                                      f'expected {name!r}')
+            return meta, f, labels_to_vector(meta['labels'], self.label_scheme, str(f))
+        got = gather(one, jsons)
+        if len(got) == 2: _same_grid(*got[1][:2], *got[0][:2])
+        return got[0][2]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name, s1 = self.ids[i], self.s1_ids[i]
+        jobs = ([('s1', lambda: self.load_s1(s1))] if 's1' in self.modalities else []) + \
+               ([('s2', lambda: self.load_s2(name))] if 's2' in self.modalities else []) + \
+               [('label', lambda: self._labels(name, s1))]
+        got = dict(zip([k for k, _ in jobs], gather(lambda j: j[1](), jobs)))   # every problem of the patch at once
         sample: dict[str, Any] = {'id': name}
-        if 's1' in self.modalities:
-            if self.version == 'v1':
-                meta1 = _read_json(self.s1_dir/s1/f'{s1}_labels_metadata.json')
-                if meta1.get('corresponding_s2_patch') != name:
-                    raise DataFormatError(f'{self.s1_dir/s1}: corresponding_s2_patch is '
-                                          f'{meta1.get("corresponding_s2_patch")!r}, expected {name!r}')
-            sample['s1'], sample['s1_id'] = self.load_s1(s1), s1
-        if 's2' in self.modalities: sample['s2'] = self.load_s2(name)
-        sample['label'] = self._labels(name, s1)
+        if 's1' in got: sample['s1'], sample['s1_id'] = got['s1'], s1
+        if 's2' in got: sample['s2'] = got['s2']
+        sample['label'] = got['label']
         for k, (m, s) in self.norm.items():
             if k in sample: sample[k] = (sample[k] - m) / s
         return self.transforms(sample) if self.transforms is not None else sample
@@ -685,19 +829,34 @@ def load_s2_scene(folder: str | os.PathLike, bands: Sequence[str] = ('B02', 'B03
     if 'B02' not in files: raise DataNotFoundError(f'{folder}: no B02 band file (the 10 m reference grid)')
     missing = [b for b in bands if b not in files]
     if missing: raise DataNotFoundError(f'{folder}: missing band files for {missing}; found {sorted(files)}')
-    ref = read_geotiff_grid(files['B02']) if image_format(files['B02']) == 'tiff' else None
-    ref_arr = None
-    if ref is None: ref_arr = read_image(files['B02']); H, W = ref_arr.shape[:2]
+    try: ref = read_geotiff_grid(files['B02']) if image_format(files['B02']) == 'tiff' else None
+    except (OSError, ValueError) as e: raise DataFormatError(f'{files["B02"]}: cannot read: {e}') from e
+    if ref is None: H, W = read_image(files['B02']).shape[:2]
     else: H, W = ref.shape
     out = np.empty((len(bands), H, W), np.uint16)
     valid = np.ones((H, W), bool)
-    for k, b in enumerate(bands):
+    def load(kb):       # band b read, checked and put on the B02 grid as out[k]; returns its valid mask
+        k, b = kb
         a = read_image(files[b])
-        if a.ndim != 2: raise DataFormatError(f'{files[b]}: expected one band, got shape {a.shape}')
-        if nodata is not None: valid_src = a != nodata
+        check_raster(a[None] if a.ndim == 2 else raster_chw(a, files[b]), files[b], f'{b} band', bands=1, dtype=np.uint16)
+        a = a if a.ndim == 2 else raster_chw(a, files[b])[0]
         g = read_geotiff_grid(files[b]) if ref is not None else None
         if ref is not None and g is None:
             raise DataFormatError(f'{files[b]}: no GeoTIFF georeferencing while B02 has some')
+        if g is not None:
+            if g.shape != a.shape: raise DataFormatError(f'{files[b]}: the georeferencing says {g.shape}, the pixels are {a.shape}')
+            if not (np.isclose(g.res, S2_RES[b]) or np.isclose(g.res, ref.res)):
+                raise DataFormatError(f'{files[b]}: {g.res:g} m pixels; Sentinel-2 {b} has {S2_RES[b]} m'
+                                      + (f' (or {ref.res:g} m, the grid of B02, when resampled)' if ref.res != S2_RES[b] else ''))
+            ext, ref_ext = np.array(a.shape) * g.res, np.array((H, W)) * ref.res
+            if np.any(np.abs(ext - ref_ext) > g.res + ref.res):
+                raise DataFormatError(f'{files[b]}: covers {ext[0]:g}x{ext[1]:g} m, B02 covers {ref_ext[0]:g}x{ref_ext[1]:g} m')
+        else:
+            want = [(round(n * 10 / S2_RES[b]), n) for n in (H, W)]
+            if not all(abs(m - w) <= 1 or m == n for m, (w, n) in zip(a.shape, want)):
+                raise DataFormatError(f'{files[b]}: the {b} band file is {a.shape[0]}x{a.shape[1]} pixels, expected about '
+                                      f'{want[0][0]}x{want[1][0]} ({S2_RES[b]} m) for the {H}x{W} B02 grid')
+        if nodata is not None: valid_src = a != nodata
         if g is not None:
             step = (ref.res / g.res, ref.res / g.res)
             origin = ((g.y0 - ref.y0) / g.res, (ref.x0 - g.x0) / g.res)
@@ -713,6 +872,8 @@ def load_s2_scene(folder: str | os.PathLike, bands: Sequence[str] = ('B02', 'B03
             if nodata is not None:   # nodata when any source pixel under the interpolation kernel is nodata
                 bad = resample_band((~valid_src).astype(np.float32), (H, W), resample, origin=origin, step=step)
                 band_valid &= ~(bad > 1e-6)
+        return band_valid
+    for band_valid in gather(load, list(enumerate(bands))):     # every bad band of the scene reported at once
         if band_valid is not None: valid &= band_valid
     return out, valid
 
@@ -744,12 +905,14 @@ def s2_patch_grid(shape: tuple[int, int], patch_size: int = 64, stride: int | No
 class Sentinel2Patches(Dataset):
     "Patches cut from Sentinel-2 L1C scenes for pre-training: `{'image': float32 [C,P,P], 'id': str}`."
     name = 'sentinel2_patches'
+    check_splits = ('all',)     # check-data: every scene's band files once
     def __init__(self, root: str | os.PathLike | None = None, split: str = 'train', transforms: Callable | None = None,
                  bands: Sequence[str] | str = ('B02', 'B03', 'B04', 'B08'), patch_size: int = 64,
                  stride: int | None = None, block_size: int = 512, val_fraction: float = 0.2, split_seed: int = 0,
                  skip_nodata: bool = True, normalize: str | dict | None = 'scene', resample: str = 'bilinear',
-                 data_root: str | os.PathLike | None = None):
+                 data_root: str | os.PathLike | None = None, on_missing: str = 'raise'):
         if split not in ('train', 'val', 'all'): raise ValueError(f"sentinel2_patches: split={split!r}; use 'train', 'val' or 'all'")
+        if on_missing not in ('raise', 'skip'): raise ValueError(f"sentinel2_patches: on_missing={on_missing!r}; use 'raise' or 'skip'")
         self.bands = S2_ALL_BANDS if bands == 'all' else tuple(bands)
         bad = [b for b in self.bands if b not in S2_ALL_BANDS]
         if bad: raise ValueError(f'sentinel2_patches: unknown bands {bad}; Sentinel-2 has {S2_ALL_BANDS}')
@@ -757,15 +920,30 @@ class Sentinel2Patches(Dataset):
         self.stride = int(stride or patch_size)
         self.root, self.data_source = _root_and_source(self.name, root, data_root)
         dirs = [self.root, *sorted(q for q in self.root.rglob('*') if q.is_dir())]
-        self.scene_dirs = [d for d in dirs if 'B02' in s2_band_files(d)]
-        if not self.scene_dirs:
+        errors: list[RsreproError] = []
+        def bands_of(d):
+            try: return s2_band_files(d)
+            except RsreproError as e: errors.append(e); return {}
+        found = {d: f for d in dirs if (f := bands_of(d))}       # folders with band files: each must be a whole scene
+        if not found and not errors:
             raise DataNotFoundError(f'sentinel2_patches: no scene folder with a B02 band file under {self.root}')
+        self.dropped, self.scene_dirs = [], []
+        for d, f in found.items():
+            lost = [b for b in dict.fromkeys(('B02', *self.bands)) if b not in f]
+            if not lost: self.scene_dirs.append(d)
+            elif on_missing == 'skip': self.dropped.append(str(d))
+            else: errors.append(DataNotFoundError(f"{d}: no band file for {lost} (found {sorted(f)}; on_missing='skip' "
+                                                  'drops such scenes)'))
+        self.drop_message = drop_warning(self.name, self.dropped, 'band files are missing (on_missing="skip")')
         self.scenes, self.index = [], []          # index: (scene k, row, col)
         self.n_skipped_nodata = 0
         s = np.zeros(len(self.bands)); s2 = np.zeros(len(self.bands)); cnt = 0
         P = self.patch_size
-        for k, d in enumerate(self.scene_dirs):
-            img, valid = load_s2_scene(d, self.bands, resample)
+        good = []
+        for d in self.scene_dirs:
+            try: img, valid = load_s2_scene(d, self.bands, resample)
+            except RsreproError as e: errors.append(e); continue      # every bad scene reported, the good ones kept
+            k = len(good); good.append(d)
             self.scenes.append(img)
             train_mask = np.zeros(valid.shape, bool)
             for r, c, sp in s2_patch_grid(valid.shape, P, self.stride, block_size, val_fraction, split_seed):
@@ -776,7 +954,15 @@ class Sentinel2Patches(Dataset):
             if normalize == 'scene' and m.any():
                 x = img[:, m].astype(np.float64) / 10000.0
                 s += x.sum(1); s2 += (x**2).sum(1); cnt += x.shape[1]
+        self.scene_dirs = good
         self.scene_names = [str(d.relative_to(self.root)) if d != self.root else d.name for d in self.scene_dirs]
+        if errors:
+            e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+            if normalize != 'scene' or cnt: self._set_norm(normalize, s, s2, cnt); e.dataset = self
+            raise e
+        self._set_norm(normalize, s, s2, cnt)
+
+    def _set_norm(self, normalize, s, s2, cnt):
         if normalize == 'scene':
             if cnt == 0: raise DataFormatError(f'sentinel2_patches: no valid train pixels under {self.root} for statistics')
             mean = s / cnt; std = np.sqrt(np.maximum(s2 / cnt - mean**2, 0))
