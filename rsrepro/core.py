@@ -16,10 +16,10 @@ import torch
 warnings.filterwarnings('ignore', message='IProgress not found')
 
 # %% auto #0
-__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems', 'problems_of', 'collect',
-           'raise_problems', 'gather', 'drop_warning', 'atomic_write', 'atomic_torch_save', 'seed_everything',
-           'repo_root', 'code_version', 'git_commit', 'utc_now', 'get_device', 'image_batch', 'Registry',
-           'create_model', 'list_models']
+__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems', 'MissingData',
+           'problems_of', 'collect', 'raise_problems', 'gather', 'drop_warning', 'atomic_write', 'atomic_torch_save',
+           'seed_everything', 'repo_root', 'code_version', 'git_commit', 'utc_now', 'get_device', 'image_batch',
+           'Registry', 'create_model', 'list_models']
 
 # %% ../nbs/api/00_core.ipynb #710c9885
 class RsreproError(Exception):
@@ -39,6 +39,9 @@ class DataProblems(DataFormatError):
         shown = '\n'.join(f'  {p}' for p in self.problems[:20])
         more = f'\n  ... and {len(self.problems) - 20} more' if len(self.problems) > 20 else ''
         super().__init__(f'{len(self.problems)} data problems:\n{shown}{more}')
+
+class MissingData(DataProblems, DataNotFoundError):
+    "Several problems, every one a missing file: caught by `except DataNotFoundError` as well as `DataFormatError`."
 
 def problems_of(e: BaseException) -> list[str]:
     "The `path[:line]: what is wrong` lines an rsrepro error carries (several for `DataProblems`)."
@@ -62,7 +65,10 @@ def raise_problems(errors, dataset: Any = None) -> None:
     `rsrepro check-data` goes on to read what it can."""
     errors = list(errors)
     if not errors: return
-    e = errors[0] if len(errors) == 1 else DataProblems([p for x in errors for p in problems_of(x)])
+    if len(errors) == 1: e = errors[0]
+    else:
+        cls = MissingData if all(isinstance(x, DataNotFoundError) for x in errors) else DataProblems
+        e = cls([p for x in errors for p in problems_of(x)])
     if dataset is not None: e.dataset = dataset
     raise e
 

@@ -23,8 +23,8 @@ from .io import load_weights, read_torch
 # %% auto #0
 __all__ = ['SCHEDULES', 'AMP_MODES', 'CKPT_FORMAT', 'CKPT_NAME', 'CKPT_PREV_NAME', 'TRAIN_LOG', 'TrainConfig',
            'momentum_schedule', 'lr_factor', 'build_param_groups', 'ResumableSampler', 'rng_state', 'set_rng_state',
-           'load_checkpoint', 'prev_checkpoint', 'save_checkpoint', 'warn_run', 'resume_checkpoint', 'write_metrics',
-           'dist_info', 'to_device', 'amp_dtype', 'fit']
+           'load_checkpoint', 'prev_checkpoint', 'save_checkpoint', 'warn_run', 'drop_messages', 'resume_checkpoint',
+           'write_metrics', 'dist_info', 'to_device', 'amp_dtype', 'fit']
 
 # %% ../nbs/api/07_train.ipynb #46c845c4
 SCHEDULES = ('cosine', 'step', 'constant')
@@ -205,6 +205,17 @@ def warn_run(msg: str, out_dir: str | os.PathLike | None = None, warn: bool = Tr
         with contextlib.suppress(OSError), open(Path(out_dir)/TRAIN_LOG, 'a', encoding='utf-8') as f:
             f.write(f'{utc_now()} WARNING {msg}\n')
 
+def drop_messages(dataset) -> list[str]:
+    "The `drop_message` of every reader in `dataset`, looked for through wrappers (`.dataset`, `ConcatDataset.datasets`)."
+    out, seen, todo = [], set(), [dataset]
+    while todo:
+        d = todo.pop(0)
+        if d is None or id(d) in seen: continue
+        seen.add(id(d))
+        if getattr(d, 'drop_message', None): out.append(d.drop_message)
+        todo += [getattr(d, 'dataset', None), *(getattr(d, 'datasets', None) or [])]
+    return out
+
 def resume_checkpoint(out_dir: str | os.PathLike, report: bool = True) -> tuple[Path | None, dict | None]:
     "The checkpoint a run in `out_dir` resumes from, and its content: the latest, else (with a warning) the previous one; `(None, None)` when there is none."
     latest = Path(out_dir)/CKPT_NAME
@@ -295,7 +306,8 @@ def _fit(model, dataset, cfg, loss_fn, collate_fn, param_groups, resume, eval_fn
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_path = out_dir/CKPT_NAME if out_dir else None
     # a reader that dropped samples (on_missing='skip') warned when it was built; the run's log says so too
-    if main and out_dir and getattr(dataset, 'drop_message', None): warn_run(dataset.drop_message, out_dir, warn=False)
+    if main and out_dir:
+        for msg in drop_messages(dataset): warn_run(msg, out_dir, warn=False)
 
     # -- data ----------------------------------------------------------------------------------------
     sampler = ResumableSampler(dataset, world, rank, shuffle=cfg.shuffle, seed=cfg.seed)

@@ -228,7 +228,7 @@ def test_dfc_json_referencing_missing_image(tmp_path):
     f = root/'annotations'/'buildings_only_train.json'
     d = json.loads(f.read_text())
     d['images'].append({'id': 9, 'file_name': 'P_0009.tif', 'height': 8, 'width': 8}); f.write_text(json.dumps(d))
-    with pytest.raises(DataFormatError, match=r'rgb/P_0009\.tif: missing') as e: md.DFC2023Track2(root=root)
+    with pytest.raises(DataNotFoundError, match=r'rgb/P_0009\.tif: missing') as e: md.DFC2023Track2(root=root)
     assert len(e.value.problems) == 3                         # every modality file is named, one line each
     d['images'].pop(); d['annotations'].append({'id': 5, 'image_id': 77, 'segmentation': [_poly(0, 0, 1, 1)]})
     f.write_text(json.dumps(d))

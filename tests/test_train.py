@@ -227,3 +227,7 @@ def test_dropped_samples_go_to_the_run_log(tmp_path):
     fit(make(), ds, cfg(tmp_path, max_steps=2))
     log = (tmp_path/TRAIN_LOG).read_text()
     assert 'xy: dropped 2 sample(s) because the partner file is missing: a.tif, b.tif' in log
+    # found through the usual wrappers too
+    from rsrepro.train import drop_messages
+    wrapped = torch.utils.data.ConcatDataset([torch.utils.data.Subset(ds, range(20)), XY()])
+    assert drop_messages(wrapped) == [ds.drop_message]
