@@ -168,11 +168,16 @@ def rotated_crops(image: torch.Tensor, rboxes: torch.Tensor, size: int = 224, en
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class ObjectEmbedder(torch.nn.Module):
-    "ResNet-50 to layer 4 + average pooling: 2,048-d object embeddings of rotated crops. `weights`: a local ImageNet checkpoint."
-    def __init__(self, weights: str | os.PathLike | None = None, arch: str = 'resnet50', size: int = 224, enlarge: float = 1.5):
+    """ResNet-50 to layer 4 + average pooling: 2,048-d object embeddings of rotated crops. `weights`: a local ImageNet
+    checkpoint; without one the network is random, initialised from `seed` alone (not from the caller's RNG state), so
+    that a smoke run's pseudo-labels are the same every time."""
+    def __init__(self, weights: str | os.PathLike | None = None, arch: str = 'resnet50', size: int = 224, enlarge: float = 1.5,
+                 seed: int = 0):
         super().__init__()
         import torchvision
-        net = getattr(torchvision.models, arch)(weights=None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = getattr(torchvision.models, arch)(weights=None)
         self.pretrained = weights is not None
         if weights is not None:
             rep = load_weights(net, weights, rename=lambda sd: {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in sd.items()},

@@ -447,8 +447,8 @@ class MutdetExperiment(Experiment):
         prof = self.profile; reader = self.pretrain_images(data)
         kind = prof.box_source
         weights = self.imagenet('resnet50')
-        d = self.root/'pseudo'/f'{data}_{kind}_{"imagenet" if weights else "random"}'
-        emb = ObjectEmbedder(weights)
+        d = self.root/'pseudo'/f'{data}_{kind}_{"imagenet" if weights else f"random{self.seed}"}'
+        emb = ObjectEmbedder(weights, seed=self.seed)
         args = dict(prof.box_source_args)
         if kind == 'sam' and 'checkpoint' not in args: args['checkpoint'] = self.checkpoint(prof.sam_checkpoint, 'SAM ViT-H')
         prepare_pseudo_labels(reader, box_source(kind, **args), emb, d/'labels', progress=self.log)

@@ -251,3 +251,16 @@ def test_imagenet_checkpoints_are_loaded_from_the_weights_folder(tmp_path, monke
     ex.profile = dataclasses.replace(ex.profile, imagenet={'resnet50': 'nothere.pth'})
     with pytest.raises(DataNotFoundError, match='nothere.pth'): ex.build_detector(3, 'ar_csl', (1, 1), 1)
     with pytest.raises(DataNotFoundError, match='sam_vit_h'): ex.checkpoint('sam_vit_h_4b8939.pth', 'SAM ViT-H')
+
+
+def test_random_embedder_depends_on_its_seed_only():
+    "Without ImageNet weights the embedder is random, but seeded: smoke pseudo-labels are the same in every run."
+    from rsrepro.mutdet import ObjectEmbedder
+    torch.manual_seed(123); a = ObjectEmbedder(arch='resnet18', size=32, seed=0)
+    torch.manual_seed(456); b = ObjectEmbedder(arch='resnet18', size=32, seed=0)
+    c = ObjectEmbedder(arch='resnet18', size=32, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    torch.manual_seed(7); x = torch.rand(3); torch.manual_seed(7); ObjectEmbedder(arch='resnet18', size=32); y = torch.rand(3)
+    assert torch.equal(x, y), "building the embedder must not consume the caller's RNG"
