@@ -37,8 +37,13 @@ OFFLINE_ENV = {'YOLO_OFFLINE': '1', 'YOLO_AUTOINSTALL': '0'}
 def _keep_global_settings():
     """Keep what ultralytics and yolov5 change at import for the whole process: the matplotlib backend (yolov5 calls
     `matplotlib.use('Agg')`, which also unhooks IPython's inline figure display, so a notebook's `plt.show()` would draw
-    nothing: that call is a no-op inside this block), matplotlib's rc, numpy's and torch's print options, pandas' column cap."""
+    nothing: that call is a no-op inside this block), matplotlib's rc, numpy's and torch's print options, pandas' column cap,
+    and the thread settings: yolov5 sets `OMP_NUM_THREADS` to the core count minus one, which every process started
+    afterwards inherits (a papermill kernel, say), so its numbers would change with whether yolov5 was imported first."""
     import matplotlib, numpy as np, pandas as pd
+    env = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'NUMEXPR_MAX_THREADS')}
+    try: import cv2; cv2_threads = cv2.getNumThreads()
+    except ImportError: cv2 = None
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')   # deprecated rc keys warn when read
         rc = {k: v for k, v in matplotlib.rcParams.items() if k != 'backend'}
@@ -55,6 +60,10 @@ def _keep_global_settings():
         np.set_printoptions(**np_opts)
         pd.set_option('display.max_columns', pd_cols)
         torch.set_printoptions(**torch_opts)
+        for k, v in env.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+        if cv2 is not None: cv2.setNumThreads(cv2_threads)
 
 def ultralytics_offline(config_dir: str | os.PathLike | None = None, verbose: bool | None = None):
     "Import ultralytics with every network path off, its files in rsrepro's cache and rsrepro's layers registered."

@@ -595,3 +595,14 @@ def test_a_notebook_still_shows_figures_after_importing_the_detectors(tmp_path):
 def test_no_network_access_above():
     "Every test above ran with DNS and sockets refused; ultralytics_offline() must have kept ultralytics off them."
     assert NET_ATTEMPTS == []
+
+
+def test_yolov5_import_leaves_thread_settings_alone():
+    "yolov5 sets OMP_NUM_THREADS at import; rsrepro restores it, so kernels started later keep the machine's threads."
+    import subprocess, sys
+    code = ("import os; from rsrepro.detector import yolov5_offline; yolov5_offline(); import sys; "
+            "assert 'yolov5' in sys.modules; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('NUMEXPR_MAX_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'NUMEXPR_MAX_THREADS')}
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ['None', 'None'], out.stdout
