@@ -9,7 +9,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from torch import nn
 
 from rsrepro.core import DataFormatError, RsreproError
 from rsrepro.train import (CKPT_NAME, CKPT_PREV_NAME, TRAIN_LOG, TrainConfig, fit, load_checkpoint,
@@ -24,27 +23,14 @@ CHILD = textwrap.dedent('''
     import io, sys, time
     from pathlib import Path
     import torch
-    from torch import nn
     import rsrepro.train as T
     from rsrepro.core import atomic_write
 
     torch.set_num_threads(1)
     out, mode = sys.argv[1], sys.argv[2]
 
-    class XY(torch.utils.data.Dataset):
-        def __init__(self, n=40):
-            g = torch.Generator().manual_seed(0)
-            self.x = torch.randn(n, 6, generator=g); self.y = self.x @ torch.randn(6, 2, generator=g)
-        def __len__(self): return len(self.x)
-        def __getitem__(self, i): return {'x': self.x[i], 'y': self.y[i]}
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 2))
-        def forward(self, b):
-            mse = ((self.net(b['x']) - b['y']) ** 2).mean()
-            return {'loss': mse, 'rmse': mse.detach().sqrt()}
+    sys.path.insert(0, TESTS_DIR)
+    from toy_fit import XY, MLP
 
     if mode.startswith('midsave:'):        # write checkpoint <k> half-way, say so, and wait to be killed
         target, real = int(mode.split(':')[1]), T.atomic_torch_save
@@ -101,7 +87,7 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
-    script = tmp_path / 'child.py'; script.write_text(CHILD)
+    script = tmp_path / 'child.py'; script.write_text(CHILD.replace('TESTS_DIR', repr(str(Path(__file__).parent))))
     ref, run = tmp_path / 'ref', tmp_path / 'run'
     assert not _run_until(_child(script, ref), None)
     rng = random.Random(1234)
@@ -138,19 +124,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # a truncated / corrupt / missing latest checkpoint, in process
 
-class XY(torch.utils.data.Dataset):
-    def __init__(self, n=40):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 6, generator=g); self.y = self.x @ torch.randn(6, 2, generator=g)
-    def __len__(self): return len(self.x)
-    def __getitem__(self, i): return {'x': self.x[i], 'y': self.y[i]}
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__(); self.net = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 2))
-    def forward(self, b):
-        return {'loss': ((self.net(b['x']) - b['y']) ** 2).mean()}
+from toy_fit import MLP, XY  # noqa: E402 (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(scope='module')
