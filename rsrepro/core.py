@@ -16,10 +16,10 @@ import torch
 warnings.filterwarnings('ignore', message='IProgress not found')
 
 # %% auto #0
-__all__ = ['MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems', 'MissingData',
-           'problems_of', 'collect', 'raise_problems', 'gather', 'drop_warning', 'atomic_write', 'atomic_torch_save',
-           'seed_everything', 'repo_root', 'code_version', 'git_commit', 'utc_now', 'get_device', 'image_batch',
-           'Registry', 'create_model', 'list_models']
+__all__ = ['ON_MISSING', 'MODELS', 'DATASETS', 'RsreproError', 'DataNotFoundError', 'DataFormatError', 'DataProblems',
+           'MissingData', 'problems_of', 'collect', 'raise_problems', 'gather', 'check_on_missing', 'drop_warning',
+           'atomic_write', 'atomic_torch_save', 'seed_everything', 'repo_root', 'code_version', 'git_commit', 'utc_now',
+           'get_device', 'image_batch', 'Registry', 'create_model', 'list_models']
 
 # %% ../nbs/api/00_core.ipynb #710c9885
 class RsreproError(Exception):
@@ -80,6 +80,13 @@ def gather(fn: Callable[[Any], Any], items) -> list:
     return out
 
 # %% ../nbs/api/00_core.ipynb #71a63c18
+ON_MISSING = ('raise', 'skip')
+
+def check_on_missing(reader: str, on_missing: str) -> str:
+    "`on_missing` if it is 'raise' or 'skip'; otherwise a `ValueError` naming the reader."
+    if on_missing not in ON_MISSING: raise ValueError(f"{reader}: on_missing={on_missing!r}; use 'raise' or 'skip'")
+    return on_missing
+
 def drop_warning(reader: str, dropped, why: str) -> str | None:
     "Warn that `reader` dropped samples `dropped` (names) because `why`; returns the message, `None` when none was dropped."
     dropped = list(dropped)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, drop_warning,
-                   gather, problems_of)
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, check_on_missing,
+                          drop_warning, gather, problems_of)
 from .io import (RESAMPLE_MODES, check_raster, footprint_mask, image_format, raster_chw, read_geotiff_grid, read_image,
                  resample_band)
 
@@ -513,7 +513,7 @@ class BigEarthNetMM(Dataset):
         bad = [b for b in s2_bands if b not in S2_BANDS_BEN]
         if bad: raise ValueError(f'bigearthnet_mm: s2_bands {bad} not in BigEarthNet; available {S2_BANDS_BEN}')
         if resample not in RESAMPLE_MODES: raise ValueError(f'resample={resample!r}; use one of {RESAMPLE_MODES}')
-        if on_missing not in ('raise', 'skip'): raise ValueError(f"{self.name}: on_missing={on_missing!r}; use 'raise' or 'skip'")
+        check_on_missing(self.name, on_missing)
         version = version or self.default_version
         if version not in ('auto', 'v1', 'v2'): raise ValueError(f"version={version!r}; use 'auto', 'v1' or 'v2'")
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
@@ -912,7 +912,7 @@ class Sentinel2Patches(Dataset):
                  skip_nodata: bool = True, normalize: str | dict | None = 'scene', resample: str = 'bilinear',
                  data_root: str | os.PathLike | None = None, on_missing: str = 'raise'):
         if split not in ('train', 'val', 'all'): raise ValueError(f"sentinel2_patches: split={split!r}; use 'train', 'val' or 'all'")
-        if on_missing not in ('raise', 'skip'): raise ValueError(f"sentinel2_patches: on_missing={on_missing!r}; use 'raise' or 'skip'")
+        check_on_missing('sentinel2_patches', on_missing)
         self.bands = S2_ALL_BANDS if bands == 'all' else tuple(bands)
         bad = [b for b in self.bands if b not in S2_ALL_BANDS]
         if bad: raise ValueError(f'sentinel2_patches: unknown bands {bad}; Sentinel-2 has {S2_ALL_BANDS}')

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, atomic_write, collect,
-                          drop_warning, problems_of, raise_problems)
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, atomic_write,
+                          check_on_missing, collect, drop_warning, problems_of, raise_problems)
 from .data import DataSpec, register_data_spec, resolve_root, find_shared_data, _root_and_source
 from .io import check_raster, image_to_tensor, raster_chw, read_image, write_png, write_tiff
 
@@ -197,7 +197,7 @@ class VEDAI(Dataset):
         if split not in ('all', 'train', 'test'): raise ValueError(f"vedai: split={split!r}; use 'all', 'train' or 'test'")
         if int(size) not in (512, 1024): raise ValueError(f'vedai: size={size!r}; use 512 or 1024')
         if not 1 <= int(fold) <= 10: raise ValueError(f'vedai: fold={fold!r}; the official protocol has folds 1..10')
-        if on_missing not in ('raise', 'skip'): raise ValueError(f"vedai: on_missing={on_missing!r}; use 'raise' or 'skip'")
+        check_on_missing('vedai', on_missing)
         self.modalities = tuple(modalities)
         bad = [m for m in self.modalities if m not in ('rgb', 'ir')]
         if bad or not self.modalities: raise ValueError(f"vedai: modalities={modalities!r}; use a subset of ('rgb', 'ir')")
@@ -623,7 +623,7 @@ class AVIID3(Dataset):
                  modalities: Sequence[str] = ('rgb', 'ir'), expand: bool = False, expand_size: int = 512,
                  tiles_per_side: int = 2, data_root: str | os.PathLike | None = None, on_missing: str = 'raise'):
         if split not in ('all', 'train', 'test'): raise ValueError(f"aviid3: split={split!r}; use 'all', 'train' or 'test'")
-        if on_missing not in ('raise', 'skip'): raise ValueError(f"aviid3: on_missing={on_missing!r}; use 'raise' or 'skip'")
+        check_on_missing('aviid3', on_missing)
         self.modalities = tuple(modalities)
         if not self.modalities or any(m not in ('rgb', 'ir') for m in self.modalities):
             raise ValueError(f"aviid3: modalities={modalities!r}; use a subset of ('rgb', 'ir')")

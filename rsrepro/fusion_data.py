@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, collect, drop_warning,
-                          problems_of, raise_problems)
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, RsreproError, check_on_missing,
+                          collect, drop_warning, problems_of, raise_problems)
 from .data import DataSpec, S2_ALL_BANDS, register_data_spec, _root_and_source
 from .io import check_raster, image_to_tensor, raster_chw, read_bands, read_image
 from .multimodal_data import IGNORE_INDEX
@@ -61,9 +61,6 @@ def _with_partners(ds, names, paths_of: Callable[[str], dict], on_missing: str, 
     ds.dropped = dropped
     ds.drop_message = drop_warning(ds.name, dropped, 'a modality or label file is missing')
     return keep
-
-def _check_on_missing(name: str, on_missing: str) -> None:
-    if on_missing not in ('raise', 'skip'): raise ValueError(f"{name}: on_missing={on_missing!r}; use 'raise' or 'skip'")
 
 # %% ../nbs/api/25_fusion_data.ipynb #77b9a10c
 SEN12MS_IGBP17 = ('Evergreen Needleleaf Forests', 'Evergreen Broadleaf Forests', 'Deciduous Needleleaf Forests',
@@ -137,7 +134,7 @@ class SEN12MS(Dataset):
         if normalize not in ('scale', False, None): raise ValueError(f"sen12ms: normalize={normalize!r}; use 'scale' or False")
         if split not in (*SEN12MS_SPLIT_FILES, 'all'): raise ValueError(f"sen12ms: split={split!r}; use 'train', 'val', 'test' or 'all'")
         if s1_nan not in ('raise', 'zero'): raise ValueError(f"sen12ms: s1_nan={s1_nan!r}; use 'raise' or 'zero'")
-        _check_on_missing(self.name, on_missing)
+        check_on_missing(self.name, on_missing)
         self.split, self.transforms, self.label_type, self.threshold = split, transforms, label_type, float(threshold)
         self.s2_bands, self.s2_index = tuple(s2_bands), [SEN12MS_S2_BANDS.index(b) for b in s2_bands]
         self.igbp_simplified, self.normalize, self.s1_nan = igbp_simplified, normalize, s1_nan
@@ -254,7 +251,7 @@ class C2SegBW(Dataset):
         if not self.modalities or set(self.modalities) - set(C2SEG_BANDS):
             raise ValueError(f'c2seg_bw: modalities={modalities!r}; use a non-empty subset of {tuple(C2SEG_BANDS)}')
         if split not in ('train', 'val', 'test'): raise ValueError(f"c2seg_bw: split={split!r}; use 'train', 'val' or 'test'")
-        _check_on_missing(self.name, on_missing)
+        check_on_missing(self.name, on_missing)
         self.split, self.transforms, self.classes = split, transforms, C2SEG_CLASSES
         self.norm = {k: (torch.tensor(m, dtype=torch.float32)[:, None, None], torch.tensor(s, dtype=torch.float32)[:, None, None])
                      for k, (m, s) in (normalize or {}).items()}
@@ -349,7 +346,7 @@ class Globe230k(Dataset):
         if not self.modalities or set(self.modalities) - {'rgb', *GLOBE230K_EXTRA}:
             raise ValueError(f"globe230k: modalities={modalities!r}; use a non-empty subset of ('rgb', 'ndvi', 'dem', 'vvvh')")
         if split not in ('train', 'val', 'test', 'all'): raise ValueError(f"globe230k: split={split!r}; use 'train', 'val', 'test' or 'all'")
-        _check_on_missing(self.name, on_missing)
+        check_on_missing(self.name, on_missing)
         self.split, self.transforms, self.classes = split, transforms, GLOBE230K_CLASSES
         self.root, self.data_source = _root_and_source(self.name, root, data_root)
         self.image_dir, self.label_dir = _globe_dir(self.root, GLOBE230K_IMAGE_DIRS), _globe_dir(self.root, GLOBE230K_LABEL_DIRS)

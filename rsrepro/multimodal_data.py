@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, drop_warning, gather, problems_of,
-                          raise_problems)
+from .core import (DATASETS, DataFormatError, DataNotFoundError, DataProblems, check_on_missing, drop_warning,
+                          gather, problems_of, raise_problems)
 from .data import DataSpec, register_data_spec, _root_and_source
 from .io import check_raster, image_to_tensor, read_bands, resize_chw, write_tiff
 
@@ -225,7 +225,7 @@ class DFC2023Track2(Dataset):
         mods = tuple(modalities)
         if not mods or any(m not in DFC2023_MODALITIES for m in mods):
             raise ValueError(f'{self.name}: modalities={modalities!r}; use a non-empty subset of {tuple(DFC2023_MODALITIES)}')
-        if on_missing not in ('raise', 'skip'): raise ValueError(f"on_missing={on_missing!r}; use 'raise' or 'skip'")
+        check_on_missing(self.name, on_missing)
         self.modalities = {m: DFC2023_MODALITIES[m] for m in mods}
         self.split, self.transforms, self.normalize = split, transforms, bool(normalize)
         self.size, self.tile = (int(size) if size else None), (int(tile) if tile else None)
@@ -443,7 +443,7 @@ class Quadruplets(Dataset):
         if not mods or any(m not in QUADRUPLET_CHANNELS for m in mods):
             raise ValueError(f'{self.name}: modalities={modalities!r}; use a non-empty subset of {tuple(QUADRUPLET_CHANNELS)}')
         if label_scheme not in UA_MERGES: raise ValueError(f'label_scheme={label_scheme!r}; use one of {tuple(UA_MERGES)}')
-        if on_missing not in ('raise', 'skip'): raise ValueError(f"on_missing={on_missing!r}; use 'raise' or 'skip'")
+        check_on_missing(self.name, on_missing)
         self.modalities = {m: QUADRUPLET_CHANNELS[m] for m in mods}
         self.map_classes = {m: n for m, n in QUADRUPLET_MAPS.items() if m in self.modalities}
         self.split, self.transforms, self.label_scheme = split, transforms, label_scheme
